@@ -1,0 +1,1 @@
+"""Devices, command buffers, enums, structs, errors, padding rules and kernel base classes."""

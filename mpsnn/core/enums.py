@@ -1,0 +1,158 @@
+"""Apple enums with their raw values and Swift case names.
+
+Every enum keeps Apple's raw values (they are part of the API: serialised models and
+Objective-C code use them) and the Swift spelling of each case. Where Swift and the C name
+differ in a way ported code may use, both names are provided as aliases.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class MPSImageFeatureChannelFormat(enum.IntEnum):
+    """Storage type of one feature channel of an MPSImage (images.md §1.1).
+
+    ``bfloat16`` is an mpsnn extension occupying Apple's reserved slot 5 (the header
+    hints that slot is Apple's private bfloat16 format); ``count`` stays 6.
+    """
+
+    none = 0
+    unorm8 = 1
+    unorm16 = 2
+    float16 = 3
+    float32 = 4
+    bfloat16 = 5
+    count = 6
+
+
+class MPSDataLayout(enum.IntEnum):
+    """Order of a host buffer used by ``read_bytes``/``write_bytes`` (images.md §1.3)."""
+
+    HeightxWidthxFeatureChannels = 0
+    FeatureChannelsxHeightxWidth = 1
+    # Swift's lower-camel spellings
+    heightxWidthxFeatureChannels = 0
+    featureChannelsxHeightxWidth = 1
+
+
+class MPSImageEdgeMode(enum.IntEnum):
+    """What a kernel reads outside the source image (images.md §11)."""
+
+    zero = 0
+    clamp = 1
+    mirror = 2
+    mirrorWithEdge = 3
+    constant = 4
+
+
+class MPSKernelOptions(enum.IntFlag):
+    """Option bits of every MPSKernel (kernel-base.md §1). Only ``allowReducedPrecision``
+    could change numerics; mpsnn always computes in float32 or better, so none does."""
+
+    none = 0
+    skipAPIValidation = 1
+    allowReducedPrecision = 2
+    disableInternalTiling = 4
+    insertDebugGroups = 8
+    verbose = 16
+
+
+class MPSPurgeableState(enum.IntEnum):
+    allocationDeferred = 0
+    keepCurrent = 1
+    nonVolatile = 2
+    volatile = 3
+    empty = 4
+
+
+class MPSStateResourceType(enum.IntEnum):
+    none = 0
+    buffer = 1
+    texture = 2
+
+
+class MTLCommandBufferStatus(enum.IntEnum):
+    notEnqueued = 0
+    enqueued = 1
+    committed = 2
+    scheduled = 3
+    completed = 4
+    error = 5
+
+
+class MPSDataType(enum.IntEnum):
+    """Element types used by data sources (images.md §1.2)."""
+
+    invalid = 0
+    float32 = 0x10000020
+    float16 = 0x10000010
+    bFloat16 = 0x90000010
+    complexFloat32 = 0x11000040
+    complexFloat16 = 0x11000020
+    int8 = 0x20000008
+    int16 = 0x20000010
+    int32 = 0x20000020
+    int64 = 0x20000040
+    uInt8 = 0x08
+    uInt16 = 0x10
+    uInt32 = 0x20
+    uInt64 = 0x40
+    unorm1 = 0x40000001
+    unorm8 = 0x40000008
+    bool = 0x80000008
+    # flag bits
+    floatBit = 0x10000000
+    signedBit = 0x20000000
+    normalizedBit = 0x40000000
+    alternateEncodingBit = 0x80000000
+    complexBit = 0x01000000
+
+
+class MPSCNNNeuronType(enum.IntEnum):
+    """Activation function of a neuron (neurons.md §2). Raw values are Apple's."""
+
+    none = 0
+    reLU = 1
+    linear = 2
+    sigmoid = 3
+    hardSigmoid = 4
+    tanH = 5
+    absolute = 6
+    softPlus = 7
+    softSign = 8
+    ELU = 9
+    pReLU = 10
+    reLUN = 11
+    power = 12
+    exponential = 13
+    logarithm = 14
+    geLU = 15
+    count = 16
+
+
+class MPSNNPaddingMethod(enum.IntFlag):
+    """Bit layout of a padding policy (kernel-base.md §6.1).
+
+    Several names share the value 0 (``alignCentered``, ``addRemainderToTopLeft``,
+    ``sizeValidOnly``): they are fields of one word, read through the masks.
+    """
+
+    alignCentered = 0
+    alignTopLeft = 1
+    alignBottomRight = 2
+    align_reserved = 3
+    alignMask = 3
+    addRemainderToTopLeft = 0
+    addRemainderToTopRight = 4
+    addRemainderToBottomLeft = 8
+    addRemainderToBottomRight = 12
+    addRemainderToMask = 12
+    sizeValidOnly = 0
+    sizeSame = 16
+    sizeFull = 32
+    size_reserved = 48
+    customWhitelistForNodeFusion = 0x2000
+    customAllowForNodeFusion = 0x2000
+    custom = 0x4000
+    sizeMask = 0x7F0
+    excludeEdges = 0x8000

@@ -1,0 +1,944 @@
+"""Kernel base classes: MPSKernel, MPSCNNKernel, MPSCNNBinaryKernel, MPSCNNGradientKernel.
+
+The destination -> source coordinate rule (kernel-base.md §2.2), for each destination pixel
+``(x, y)`` in the effective clip rectangle ``R`` and image slot ``m``::
+
+    i = x - clip_rect.origin.x ;  j = y - clip_rect.origin.y
+    n_src = offset.z + m ;        n_dst = clip_rect.origin.z + m
+    cx = offset.x + i*stride_x ;  cy = offset.y + j*stride_y      # window centre
+    left = cx - (kWd >> 1) ;      top = cy - (kHd >> 1)           # kWd = (kW-1)*dX + 1
+    tap (p, q) reads source (left + p*dX, top + q*dY)
+
+Reads outside the source follow ``edge_mode``. ``R`` is ``clip_rect`` intersected with the
+destination; only ``R`` and the channels ``[destination_feature_channel_offset,
+destination_feature_channel_offset + N)`` are written. Source channels used are
+``[source_feature_channel_offset, source_feature_channel_offset + Nin)`` with ``Nin =
+min(source_feature_channel_max_count, source.feature_channels - source_feature_channel_offset)``.
+
+Subclasses set the window (``_kernel_width`` ...), say how many channels they produce
+(:meth:`MPSCNNKernel.output_feature_channels`) and implement ``_encode_region`` with the
+numerics (through ``mpsnn.backends``). Encoding never synchronises the host with the GPU.
+"""
+from __future__ import annotations
+
+import copy as _copy
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
+from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSNNGradientState, MPSState
+from .device import Device, MTLCommandBuffer, as_device
+from .enums import MPSImageEdgeMode, MPSKernelOptions, MPSNNPaddingMethod
+from .errors import MPSDeviceError, MPSStateError, MPSTypeError, MPSValueError, value_error
+from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method, as_padding
+from .structs import MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLSize
+
+ULONG_MAX = (1 << 64) - 1
+_DEFAULT_PADDING = int(MPSNNPaddingMethod.alignCentered | MPSNNPaddingMethod.addRemainderToTopLeft | MPSNNPaddingMethod.sizeSame)
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """Where one input of an encode is read: images, channels and the source coordinate of
+    the window centre of the first destination pixel written."""
+
+    n0: int              # first source image
+    c0: int              # first source channel
+    channels: int        # Nin
+    cx0: int             # window centre x for destination x = region.x0
+    cy0: int
+    stride_x: int
+    stride_y: int
+    kernel_width: int
+    kernel_height: int
+    dilation_x: int
+    dilation_y: int
+    edge_mode: MPSImageEdgeMode
+    bounds: tuple[int, int, int, int] | None = None
+
+    @property
+    def window_left(self) -> int:
+        return self.cx0 - (((self.kernel_width - 1) * self.dilation_x + 1) >> 1)
+
+    @property
+    def window_top(self) -> int:
+        return self.cy0 - (((self.kernel_height - 1) * self.dilation_y + 1) >> 1)
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of the destination an encode writes."""
+
+    n0: int
+    count: int
+    x0: int
+    y0: int
+    width: int
+    height: int
+    c0: int
+    channels: int
+
+    def index(self) -> tuple[slice, slice, slice, slice]:
+        return (slice(self.n0, self.n0 + self.count), slice(self.y0, self.y0 + self.height),
+                slice(self.x0, self.x0 + self.width), slice(self.c0, self.c0 + self.channels))
+
+    def covers(self, image: MPSImage) -> bool:
+        return (self.n0 == 0 and self.count == image.number_of_images and self.x0 == 0 and self.y0 == 0
+                and self.width == image.width and self.height == image.height and self.c0 == 0
+                and self.channels == image.feature_channels)
+
+
+def _check_multiple_of_4(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 4:
+        raise value_error(owner, name, value, "be a non-negative multiple of 4")
+    return value
+
+
+def _root(image: MPSImage) -> MPSImage:
+    while image.parent is not None:
+        image = image.parent
+    return image
+
+
+class MPSKernel:
+    """``MPSKernel``: root of every operation object.
+
+    Args:
+        device: the device the kernel runs on (positional, first).
+
+    Properties: ``device`` (read-only), ``options`` (:class:`MPSKernelOptions`), ``label``.
+    ``copy(device=None)`` makes an independent copy, optionally for another device.
+    """
+
+    def __init__(self, device: Device | str) -> None:
+        self._device = as_device(device, type(self).__name__)
+        self.options = MPSKernelOptions.none
+        self.label: str | None = None
+
+    @property
+    def device(self) -> Device:
+        return self._device
+
+    def copy(self, device: Device | str | None = None) -> "MPSKernel":
+        """``copyWithZone:device:``: an independent copy, on ``device`` when given."""
+        new = _copy.copy(self)
+        new.__dict__ = {k: _copy.copy(v) for k, v in self.__dict__.items()}
+        if device is not None:
+            new._device = as_device(device, type(self).__name__)
+            new._moved_to_device()
+        return new
+
+    def _moved_to_device(self) -> None:
+        """Hook for subclasses that keep device tensors (weights, slopes)."""
+
+    def _name(self) -> str:
+        return type(self).__name__ + (f" {self.label!r}" if self.label else "")
+
+    # -- shared validation ---------------------------------------------------------------
+    def _check_command_buffer(self, command_buffer: Any) -> MTLCommandBuffer:
+        if not isinstance(command_buffer, MTLCommandBuffer):
+            raise MPSTypeError(f"{self._name()}: `command_buffer` must be an MTLCommandBuffer, but got {type(command_buffer).__name__}")
+        if command_buffer.device != self.device:
+            raise MPSDeviceError(f"{self._name()}: `command_buffer` must be on the kernel's device {self.device}, but it is on {command_buffer.device}")
+        command_buffer.check_encodable(self._name())
+        return command_buffer
+
+    def _check_image(self, name: str, image: Any, command_buffer: MTLCommandBuffer) -> MPSImage:
+        if not isinstance(image, MPSImage):
+            raise MPSTypeError(f"{self._name()}: `{name}` must be an MPSImage, but got {type(image).__name__}")
+        if image.device != self.device:
+            raise MPSDeviceError(f"{self._name()}: `{name}` must be on the kernel's device {self.device}, but it is on {image.device}")
+        if isinstance(image, MPSTemporaryImage):
+            if image.read_count == 0:
+                raise MPSStateError(f"{self._name()}: `{name}` {image._name()} was used after its `read_count` reached 0")
+            if image.command_buffer is not command_buffer:
+                raise MPSStateError(f"{self._name()}: `{name}` {image._name()} is a temporary image of another command buffer")
+        return image
+
+    def _check_state(self, name: str, state: Any, command_buffer: MTLCommandBuffer, cls: type = MPSState) -> Any:
+        if not isinstance(state, cls):
+            raise MPSTypeError(f"{self._name()}: `{name}` must be an {cls.__name__}, but got {type(state).__name__}")
+        if state.device != self.device:
+            raise MPSDeviceError(f"{self._name()}: `{name}` must be on the kernel's device {self.device}, but it is on {state.device}")
+        state.check_usable(self._name(), command_buffer)
+        return state
+
+    def _check_no_alias(self, dest: MPSImage, *sources: MPSImage) -> None:
+        root = _root(dest)
+        for s in sources:
+            if _root(s) is root:
+                raise MPSValueError(f"{self._name()}: `destination_image` must not alias a source image, but both use the storage of {root._name()}")
+
+    def __repr__(self) -> str:
+        return f"<{self._name()} on {self.device}>"
+
+
+def _consume(objs: Sequence[Any]) -> None:
+    """Decrement once per unique temporary image/state read by an encode."""
+    seen: set[int] = set()
+    for obj in objs:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, MPSTemporaryImage) or (isinstance(obj, MPSState) and obj.is_temporary):
+            obj.consume_read()
+
+
+def _clip_region(owner: str, clip: MTLRegion, dest: MPSImage, images_available: int) -> tuple[int, int, int, int, int, int]:
+    """Effective clip: (n0, count, x0, y0, width, height); count/size may be 0."""
+    if clip.origin.x < 0 or clip.origin.y < 0 or clip.origin.z < 0:
+        raise value_error(owner, "clip_rect.origin", clip.origin, "be non-negative")
+    x0, y0, z0 = clip.origin.x, clip.origin.y, clip.origin.z
+    x1 = min(x0 + clip.size.width, dest.width)
+    y1 = min(y0 + clip.size.height, dest.height)
+    if clip.size.depth >= ULONG_MAX:
+        count = min(dest.number_of_images - z0, images_available)
+    else:
+        count = clip.size.depth
+        if z0 + count > dest.number_of_images:
+            raise value_error(owner, "clip_rect", clip, f"address destination images inside [0, {dest.number_of_images})",
+                              f"origin.z + size.depth = {z0 + count}")
+        if count > images_available:
+            raise value_error(owner, "clip_rect.size.depth", count, f"be <= the {images_available} source images available from offset.z")
+    return z0, max(0, count), x0, y0, max(0, x1 - x0), max(0, y1 - y0)
+
+
+class MPSCNNKernel(MPSKernel):
+    """``MPSCNNKernel``: base of every single-input CNN kernel.
+
+    Properties (snake_case of Apple's): ``offset`` (:class:`MPSOffset`, default 0),
+    ``clip_rect`` (default :data:`MPSRectNoClip`), ``destination_feature_channel_offset``,
+    ``source_feature_channel_offset`` (multiples of 4, default 0),
+    ``source_feature_channel_max_count`` (default ULONG_MAX), ``edge_mode`` (default zero),
+    read-only ``kernel_width``, ``kernel_height``, ``stride_in_pixels_x/_y``,
+    ``dilation_rate_x/_y``, ``is_backwards``, ``is_state_modified``; ``padding`` (default
+    ``alignCentered | addRemainderToTopLeft | sizeSame``), ``destination_image_allocator``
+    (default :attr:`MPSTemporaryImage.default_allocator`).
+
+    Encode forms:
+
+    * ``encode(cb, source_image, destination_image)`` writes into ``destination_image``
+      (uses ``offset`` as set, ignores ``padding``).
+    * ``encode(cb, source_image)`` returns a new image sized by ``padding`` (sets ``offset``).
+    * ``encode(cb, source_image, destination_state=s, destination_image=d)`` also fills a
+      result state; ``encode(cb, source_image, destination_state_is_temporary=flag)`` returns
+      ``(image, state)``.
+    * ``encode_batch(cb, source_images[, destination_images])`` for lists of images, with the
+      same state options (``destination_states``).
+    """
+
+    _kernel_width = 1
+    _kernel_height = 1
+    _stride_x = 1
+    _stride_y = 1
+    _dilation_x = 1
+    _dilation_y = 1
+    _is_backwards = False
+    _is_state_modified = False
+    _default_padding = _DEFAULT_PADDING
+    #: class of the state ``result_state`` makes (None: the kernel produces no state)
+    _result_state_class: type | None = MPSNNGradientState
+
+    def __init__(self, device: Device | str) -> None:
+        super().__init__(device)
+        self._offset = MPSOffset(0, 0, 0)
+        self._clip_rect = MPSRectNoClip
+        self._dst_c_off = 0
+        self._src_c_off = 0
+        self._src_c_max = ULONG_MAX
+        self._edge_mode = MPSImageEdgeMode.zero
+        self._padding: MPSNNPadding = MPSNNDefaultPadding.padding_with_method(self._default_padding)
+        self._allocator: MPSImageAllocator = MPSTemporaryImage.default_allocator
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def offset(self) -> MPSOffset:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: MPSOffset) -> None:
+        if not isinstance(value, MPSOffset):
+            raise MPSTypeError(f"{self._name()}: `offset` must be an MPSOffset, but got {type(value).__name__}")
+        self._offset = value
+
+    @property
+    def clip_rect(self) -> MTLRegion:
+        return self._clip_rect
+
+    @clip_rect.setter
+    def clip_rect(self, value: MTLRegion) -> None:
+        if not isinstance(value, MTLRegion):
+            raise MPSTypeError(f"{self._name()}: `clip_rect` must be an MTLRegion, but got {type(value).__name__}")
+        self._clip_rect = value
+
+    @property
+    def destination_feature_channel_offset(self) -> int:
+        return self._dst_c_off
+
+    @destination_feature_channel_offset.setter
+    def destination_feature_channel_offset(self, value: int) -> None:
+        self._dst_c_off = _check_multiple_of_4(self._name(), "destination_feature_channel_offset", value)
+
+    @property
+    def source_feature_channel_offset(self) -> int:
+        return self._src_c_off
+
+    @source_feature_channel_offset.setter
+    def source_feature_channel_offset(self, value: int) -> None:
+        self._src_c_off = _check_multiple_of_4(self._name(), "source_feature_channel_offset", value)
+
+    @property
+    def source_feature_channel_max_count(self) -> int:
+        return self._src_c_max
+
+    @source_feature_channel_max_count.setter
+    def source_feature_channel_max_count(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise value_error(self._name(), "source_feature_channel_max_count", value, "be an integer >= 1")
+        self._src_c_max = value
+
+    @property
+    def edge_mode(self) -> MPSImageEdgeMode:
+        return self._edge_mode
+
+    @edge_mode.setter
+    def edge_mode(self, value: MPSImageEdgeMode) -> None:
+        try:
+            self._edge_mode = MPSImageEdgeMode(value)
+        except ValueError:
+            raise value_error(self._name(), "edge_mode", value, "be an MPSImageEdgeMode") from None
+
+    @property
+    def padding(self) -> MPSNNPadding:
+        return self._padding
+
+    @padding.setter
+    def padding(self, value: MPSNNPadding | int) -> None:
+        self._padding = as_padding(value, self._name())
+
+    @property
+    def destination_image_allocator(self) -> MPSImageAllocator:
+        return self._allocator
+
+    @destination_image_allocator.setter
+    def destination_image_allocator(self, value: MPSImageAllocator) -> None:
+        if not isinstance(value, MPSImageAllocator):
+            raise MPSTypeError(f"{self._name()}: `destination_image_allocator` must be an MPSImageAllocator, but got {type(value).__name__}")
+        self._allocator = value
+
+    kernel_width = property(lambda self: self._kernel_width)
+    kernel_height = property(lambda self: self._kernel_height)
+    stride_in_pixels_x = property(lambda self: self._stride_x)
+    stride_in_pixels_y = property(lambda self: self._stride_y)
+    dilation_rate_x = property(lambda self: self._dilation_x)
+    dilation_rate_y = property(lambda self: self._dilation_y)
+    is_backwards = property(lambda self: self._is_backwards)
+    is_state_modified = property(lambda self: self._is_state_modified)
+
+    def is_result_state_reused_across_batch(self) -> bool:
+        return False
+
+    def append_batch_barrier(self) -> bool:
+        return False
+
+    def encoding_storage_size(self, source_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> int:
+        """Extra temporary memory an encode needs beyond its images: mpsnn reports 0."""
+        return 0
+
+    # -- channel and size rules -------------------------------------------------------------------
+    def source_channels_used(self, source: MPSImage) -> int:
+        """``Nin`` for ``source`` (kernel-base.md §2.4); raises if none are left."""
+        avail = source.feature_channels - self._src_c_off
+        if avail <= 0:
+            raise value_error(self._name(), "source_feature_channel_offset", self._src_c_off,
+                              f"be < the source's feature_channels={source.feature_channels}")
+        return min(self._src_c_max, avail)
+
+    def output_feature_channels(self, source_channels: int) -> int:
+        """Channels this kernel writes for ``source_channels`` input channels (default: the same)."""
+        return source_channels
+
+    def destination_image_descriptor(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None = None) -> MPSImageDescriptor:
+        """``destinationImageDescriptor(sourceImages:sourceStates:)``: the result descriptor.
+
+        Runs the pipeline of kernel-base.md §2.9 and **sets ``offset``** (x, y) as a side effect:
+        padding method -> subclass hook -> each source state's hook -> custom padding hook.
+        """
+        if isinstance(source_images, MPSImage):
+            source_images = [source_images]
+        if not source_images:
+            raise value_error(self._name(), "source_images", source_images, "hold at least one image")
+        src = source_images[0]
+        method = int(self._padding.padding_method)
+        r = apply_padding_method(method, src.width, src.height, self._kernel_width, self._kernel_height,
+                                 self._stride_x, self._stride_y, self._dilation_x, self._dilation_y, self._is_backwards)
+        if r.width < 1 or r.height < 1:
+            raise value_error(self._name(), "source image", f"{src.width}x{src.height}",
+                              f"be large enough for the {self._kernel_width}x{self._kernel_height} window under {self._padding.label}",
+                              f"a {r.width}x{r.height} result")
+        self._apply_padding_offsets(r)
+        desc = MPSImageDescriptor(channel_format=src.feature_channel_format, width=r.width, height=r.height,
+                                  feature_channels=self.output_feature_channels(self.source_channels_used(src)),
+                                  number_of_images=src.number_of_images)
+        desc = self._customize_descriptor(desc, source_images, source_states)
+        for st in source_states or []:
+            desc = st.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
+        if method & int(MPSNNPaddingMethod.custom):
+            desc = self._padding.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
+        return desc
+
+    def _apply_padding_offsets(self, r: Any) -> None:
+        self._offset = MPSOffset(r.offset_x, r.offset_y, self._offset.z)
+
+    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
+        return desc
+
+    # -- result states ----------------------------------------------------------------------------------
+    def _geometry(self, source: MPSImage, dest: MPSImage | None) -> ForwardGeometry:
+        return ForwardGeometry(
+            kernel_class=type(self).__name__, offset=self._offset, clip_rect=self._clip_rect,
+            kernel_width=self._kernel_width, kernel_height=self._kernel_height,
+            stride_in_pixels_x=self._stride_x, stride_in_pixels_y=self._stride_y,
+            dilation_rate_x=self._dilation_x, dilation_rate_y=self._dilation_y, edge_mode=self._edge_mode,
+            source_feature_channel_offset=self._src_c_off, source_feature_channel_max_count=self._src_c_max,
+            destination_feature_channel_offset=self._dst_c_off, source_width=source.width, source_height=source.height,
+            source_feature_channels=source.feature_channels, source_number_of_images=source.number_of_images,
+            destination_width=dest.width if dest is not None else 0, destination_height=dest.height if dest is not None else 0)
+
+    def _make_state(self, source: MPSImage, dest: MPSImage | None, command_buffer: MTLCommandBuffer | None) -> MPSState | None:
+        if self._result_state_class is None:
+            return None
+        return self._result_state_class(self._geometry(source, dest), self.device, command_buffer)
+
+    def result_state(self, source_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> MPSState | None:
+        """``resultStateForSourceImage:sourceStates:destinationImage:``: a non-temporary state
+        for the encode to fill (None for kernels without one)."""
+        return self._make_state(source_image, destination_image, None)
+
+    def temporary_result_state(self, command_buffer: MTLCommandBuffer, source_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> MPSState | None:
+        """The same, temporary on ``command_buffer``."""
+        return self._make_state(source_image, destination_image, self._check_command_buffer(command_buffer))
+
+    def result_state_batch(self, source_image: Sequence[MPSImage], source_states: Sequence[Sequence[MPSState]] | None = None, destination_image: Sequence[MPSImage] | None = None) -> list[MPSState] | None:
+        return self._state_batch(None, source_image, destination_image)
+
+    def temporary_result_state_batch(self, command_buffer: MTLCommandBuffer, source_image: Sequence[MPSImage], source_states: Sequence[Sequence[MPSState]] | None = None, destination_image: Sequence[MPSImage] | None = None) -> list[MPSState] | None:
+        return self._state_batch(self._check_command_buffer(command_buffer), source_image, destination_image)
+
+    def _state_batch(self, cb: MTLCommandBuffer | None, sources: Sequence[MPSImage], dests: Sequence[MPSImage] | None) -> list[MPSState] | None:
+        if self._result_state_class is None:
+            return None
+        if self.is_result_state_reused_across_batch():
+            one = self._make_state(sources[0], dests[0] if dests else None, cb)
+            return [one] * len(sources)  # type: ignore[list-item]
+        return [self._make_state(s, dests[k] if dests else None, cb) for k, s in enumerate(sources)]  # type: ignore[misc]
+
+    # aliases with Apple's Objective-C spellings
+    result_state_for_source_image = result_state
+    temporary_result_state_for_command_buffer = temporary_result_state
+    result_state_batch_for_source_image = result_state_batch
+    temporary_result_state_batch_for_command_buffer = temporary_result_state_batch
+
+    # -- encode ---------------------------------------------------------------------------------------
+    def encode(
+        self,
+        command_buffer: MTLCommandBuffer,
+        source_image: MPSImage,
+        destination_image: MPSImage | None = None,
+        *,
+        destination_state: MPSState | None = None,
+        destination_state_is_temporary: bool | None = None,
+    ) -> Any:
+        """Encode the kernel; see the class docstring for the forms and what each returns."""
+        cb = self._check_command_buffer(command_buffer)
+        src = self._check_image("source_image", source_image, cb)
+        if destination_image is not None:
+            if destination_state_is_temporary is not None:
+                raise MPSValueError(f"{self._name()}: `destination_state_is_temporary` goes with the forms that return the result, not with `destination_image`")
+            self._encode_checked(cb, src, destination_image, destination_state)
+            _consume([src])
+            return None
+        if destination_state is not None:
+            raise MPSValueError(f"{self._name()}: `destination_state` needs `destination_image`; use `destination_state_is_temporary` to get a new state")
+        desc = self.destination_image_descriptor([src], None)
+        dest = self._allocator.image_for_command_buffer(cb, desc, self)
+        state = None
+        if destination_state_is_temporary is not None:
+            state = self._make_state(src, dest, cb if destination_state_is_temporary else None)
+        self._encode_checked(cb, src, dest, state)
+        _consume([src])
+        return (dest, state) if destination_state_is_temporary is not None else dest
+
+    def encode_batch(
+        self,
+        command_buffer: MTLCommandBuffer,
+        source_images: Sequence[MPSImage],
+        destination_images: Sequence[MPSImage] | None = None,
+        *,
+        destination_states: Sequence[MPSState] | None = None,
+        destination_state_is_temporary: bool | None = None,
+    ) -> Any:
+        """Batch form: ``source_images[k] -> destination_images[k]``; returns the new batch (and
+        states) when ``destination_images`` is omitted. Read counts drop once per unique image."""
+        cb = self._check_command_buffer(command_buffer)
+        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
+        if destination_images is not None:
+            if len(destination_images) != len(srcs):
+                raise value_error(self._name(), "destination_images", f"{len(destination_images)} images", f"match the {len(srcs)} source images")
+            if destination_states is not None and len(destination_states) != len(srcs):
+                raise value_error(self._name(), "destination_states", f"{len(destination_states)} states", f"match the {len(srcs)} source images")
+            for k, (s, d) in enumerate(zip(srcs, destination_images)):
+                for other in srcs:
+                    self._check_no_alias(d, other)
+                self._encode_checked(cb, s, d, destination_states[k] if destination_states else None)
+            _consume(srcs)
+            return None
+        if not srcs:
+            return ([], []) if destination_state_is_temporary is not None else []
+        for k, s in enumerate(srcs):
+            if s.number_of_images != 1:
+                raise value_error(self._name(), f"source_images[{k}].number_of_images", s.number_of_images, "be 1 in the batch forms that return images")
+        desc = self.destination_image_descriptor([srcs[0]], None)
+        dests = self._allocator.image_batch_for_command_buffer(cb, desc, self, len(srcs))
+        states = None
+        if destination_state_is_temporary is not None:
+            states = self._state_batch(cb if destination_state_is_temporary else None, srcs, dests)
+        for k, (s, d) in enumerate(zip(srcs, dests)):
+            self._encode_checked(cb, s, d, states[k] if states else None)
+        _consume(srcs)
+        return (dests, states) if destination_state_is_temporary is not None else dests
+
+    def _encode_checked(self, cb: MTLCommandBuffer, src: MPSImage, dest: Any, state: MPSState | None) -> None:
+        dest = self._check_image("destination_image", dest, cb)
+        self._check_no_alias(dest, src)
+        nin = self.source_channels_used(src)
+        nout = self.output_feature_channels(nin)
+        if self._dst_c_off + nout > dest.feature_channels:
+            raise value_error(self._name(), "destination_image.feature_channels", dest.feature_channels,
+                              f"be >= destination_feature_channel_offset + {nout} output channels = {self._dst_c_off + nout}")
+        if self._offset.z < 0 or self._offset.z >= src.number_of_images:
+            raise value_error(self._name(), "offset.z", self._offset.z, f"address a source image in [0, {src.number_of_images})")
+        n0, count, x0, y0, w, h = _clip_region(self._name(), self._clip_rect, dest, src.number_of_images - self._offset.z)
+        if state is not None:
+            state = self._check_state("destination_state", state, cb)
+            if isinstance(state, MPSNNGradientState):
+                state.geometry = self._geometry(src, dest)
+        region = Region(n0, count, x0, y0, w, h, self._dst_c_off, nout)
+        inp = InputGeometry(
+            n0=self._offset.z, c0=self._src_c_off, channels=nin,
+            cx0=self._offset.x + (x0 - self._clip_rect.origin.x) * self._stride_x,
+            cy0=self._offset.y + (y0 - self._clip_rect.origin.y) * self._stride_y,
+            stride_x=self._stride_x, stride_y=self._stride_y, kernel_width=self._kernel_width, kernel_height=self._kernel_height,
+            dilation_x=self._dilation_x, dilation_y=self._dilation_y, edge_mode=self._edge_mode)
+        if count == 0 or w == 0 or h == 0:
+            return
+        with cb.encoding(self._name()):
+            self._encode_region(cb, src, inp, dest, region, state)
+
+    def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _encode_region")
+
+
+class MPSCNNBinaryKernel(MPSKernel):
+    """``MPSCNNBinaryKernel``: base of kernels with a primary and a secondary source image.
+
+    Per-input properties: ``primary_offset`` / ``secondary_offset``,
+    ``primary_source_feature_channel_offset`` / ``secondary_...``,
+    ``primary_source_feature_channel_max_count`` / ``secondary_...``, ``primary_edge_mode`` /
+    ``secondary_edge_mode``, settable ``primary_stride_in_pixels_x/_y`` and
+    ``secondary_stride_in_pixels_x/_y`` (default 1), read-only kernel sizes and dilation
+    rates. Shared: ``clip_rect``, ``destination_feature_channel_offset``, ``padding``,
+    ``destination_image_allocator``, ``is_backwards``, ``is_state_modified``.
+    The coordinate rule of :class:`MPSCNNKernel` applies to each input independently; the
+    destination size in the auto forms comes from the primary image.
+    """
+
+    _primary_kernel = (1, 1)
+    _secondary_kernel = (1, 1)
+    _primary_dilation = (1, 1)
+    _secondary_dilation = (1, 1)
+    _is_backwards = False
+    _is_state_modified = False
+    _result_state_class: type | None = None
+
+    def __init__(self, device: Device | str) -> None:
+        super().__init__(device)
+        self._p_offset = MPSOffset()
+        self._s_offset = MPSOffset()
+        self._clip_rect = MPSRectNoClip
+        self._dst_c_off = 0
+        self._p_c_off = 0
+        self._s_c_off = 0
+        self._p_c_max = ULONG_MAX
+        self._s_c_max = ULONG_MAX
+        self._p_edge = MPSImageEdgeMode.zero
+        self._s_edge = MPSImageEdgeMode.zero
+        self._p_stride = [1, 1]
+        self._s_stride = [1, 1]
+        self._padding: MPSNNPadding = MPSNNDefaultPadding.padding_with_method(_DEFAULT_PADDING)
+        self._allocator: MPSImageAllocator = MPSTemporaryImage.default_allocator
+
+    def _offset_prop(attr: str):  # type: ignore[no-untyped-def]
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self, attr)
+
+        def set_(self, value):  # type: ignore[no-untyped-def]
+            if not isinstance(value, MPSOffset):
+                raise MPSTypeError(f"{self._name()}: offsets must be MPSOffset values, but got {type(value).__name__}")
+            setattr(self, attr, value)
+        return property(get, set_)
+
+    def _c4_prop(attr: str, name: str):  # type: ignore[no-untyped-def]
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self, attr)
+
+        def set_(self, value):  # type: ignore[no-untyped-def]
+            setattr(self, attr, _check_multiple_of_4(self._name(), name, value))
+        return property(get, set_)
+
+    def _max_prop(attr: str, name: str):  # type: ignore[no-untyped-def]
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self, attr)
+
+        def set_(self, value):  # type: ignore[no-untyped-def]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise value_error(self._name(), name, value, "be an integer >= 1")
+            setattr(self, attr, value)
+        return property(get, set_)
+
+    def _edge_prop(attr: str, name: str):  # type: ignore[no-untyped-def]
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self, attr)
+
+        def set_(self, value):  # type: ignore[no-untyped-def]
+            try:
+                setattr(self, attr, MPSImageEdgeMode(value))
+            except ValueError:
+                raise value_error(self._name(), name, value, "be an MPSImageEdgeMode") from None
+        return property(get, set_)
+
+    def _stride_prop(attr: str, axis: int, name: str):  # type: ignore[no-untyped-def]
+        def get(self):  # type: ignore[no-untyped-def]
+            return getattr(self, attr)[axis]
+
+        def set_(self, value):  # type: ignore[no-untyped-def]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise value_error(self._name(), name, value, "be an integer >= 1")
+            getattr(self, attr)[axis] = value
+        return property(get, set_)
+
+    primary_offset = _offset_prop("_p_offset")
+    secondary_offset = _offset_prop("_s_offset")
+    destination_feature_channel_offset = _c4_prop("_dst_c_off", "destination_feature_channel_offset")
+    primary_source_feature_channel_offset = _c4_prop("_p_c_off", "primary_source_feature_channel_offset")
+    secondary_source_feature_channel_offset = _c4_prop("_s_c_off", "secondary_source_feature_channel_offset")
+    primary_source_feature_channel_max_count = _max_prop("_p_c_max", "primary_source_feature_channel_max_count")
+    secondary_source_feature_channel_max_count = _max_prop("_s_c_max", "secondary_source_feature_channel_max_count")
+    primary_edge_mode = _edge_prop("_p_edge", "primary_edge_mode")
+    secondary_edge_mode = _edge_prop("_s_edge", "secondary_edge_mode")
+    primary_stride_in_pixels_x = _stride_prop("_p_stride", 0, "primary_stride_in_pixels_x")
+    primary_stride_in_pixels_y = _stride_prop("_p_stride", 1, "primary_stride_in_pixels_y")
+    secondary_stride_in_pixels_x = _stride_prop("_s_stride", 0, "secondary_stride_in_pixels_x")
+    secondary_stride_in_pixels_y = _stride_prop("_s_stride", 1, "secondary_stride_in_pixels_y")
+    del _offset_prop, _c4_prop, _max_prop, _edge_prop, _stride_prop
+
+    primary_kernel_width = property(lambda self: self._primary_kernel[0])
+    primary_kernel_height = property(lambda self: self._primary_kernel[1])
+    secondary_kernel_width = property(lambda self: self._secondary_kernel[0])
+    secondary_kernel_height = property(lambda self: self._secondary_kernel[1])
+    primary_dilation_rate_x = property(lambda self: self._primary_dilation[0])
+    primary_dilation_rate_y = property(lambda self: self._primary_dilation[1])
+    secondary_dilation_rate_x = property(lambda self: self._secondary_dilation[0])
+    secondary_dilation_rate_y = property(lambda self: self._secondary_dilation[1])
+    is_backwards = property(lambda self: self._is_backwards)
+    is_state_modified = property(lambda self: self._is_state_modified)
+    clip_rect = MPSCNNKernel.clip_rect
+    padding = MPSCNNKernel.padding
+    destination_image_allocator = MPSCNNKernel.destination_image_allocator
+    is_result_state_reused_across_batch = MPSCNNKernel.is_result_state_reused_across_batch
+    append_batch_barrier = MPSCNNKernel.append_batch_barrier
+
+    def encoding_storage_size(self, primary_image: MPSImage, secondary_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> int:
+        return 0
+
+    # -- size rules -------------------------------------------------------------------------------------
+    def _channels_used(self, image: MPSImage, c_off: int, c_max: int, which: str) -> int:
+        avail = image.feature_channels - c_off
+        if avail <= 0:
+            raise value_error(self._name(), f"{which}_source_feature_channel_offset", c_off,
+                              f"be < the {which} image's feature_channels={image.feature_channels}")
+        return min(c_max, avail)
+
+    def output_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
+        """Channels written (default: the primary's channels used)."""
+        return primary_channels
+
+    def destination_image_descriptor(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None = None) -> MPSImageDescriptor:
+        """Result descriptor from the primary image (``source_images = [primary, secondary]``);
+        sets ``primary_offset`` (and, for gradients, properties from the gradient state)."""
+        if len(source_images) != 2:
+            raise value_error(self._name(), "source_images", f"{len(source_images)} images", "hold [primary, secondary]")
+        prim, sec = source_images
+        method = int(self._padding.padding_method)
+        r = apply_padding_method(method, prim.width, prim.height, self._primary_kernel[0], self._primary_kernel[1],
+                                 self._p_stride[0], self._p_stride[1], self._primary_dilation[0], self._primary_dilation[1], self._is_backwards)
+        if r.width < 1 or r.height < 1:
+            raise value_error(self._name(), "primary image", f"{prim.width}x{prim.height}", "be large enough for the kernel window", f"a {r.width}x{r.height} result")
+        self._p_offset = MPSOffset(r.offset_x, r.offset_y, self._p_offset.z)
+        nout = self.output_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
+                                            self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
+        desc = MPSImageDescriptor(channel_format=prim.feature_channel_format, width=r.width, height=r.height,
+                                  feature_channels=nout, number_of_images=prim.number_of_images)
+        desc = self._customize_descriptor(desc, source_images, source_states)
+        for st in source_states or []:
+            desc = st.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
+        if method & int(MPSNNPaddingMethod.custom):
+            desc = self._padding.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
+        return desc
+
+    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
+        return desc
+
+    def _input_geometry(self, which: str, image: MPSImage, region_x0: int, region_y0: int, channels: int) -> InputGeometry:
+        if which == "primary":
+            off, c0, stride, k, d, edge = self._p_offset, self._p_c_off, self._p_stride, self._primary_kernel, self._primary_dilation, self._p_edge
+        else:
+            off, c0, stride, k, d, edge = self._s_offset, self._s_c_off, self._s_stride, self._secondary_kernel, self._secondary_dilation, self._s_edge
+        return InputGeometry(
+            n0=off.z, c0=c0, channels=channels,
+            cx0=off.x + (region_x0 - self._clip_rect.origin.x) * stride[0],
+            cy0=off.y + (region_y0 - self._clip_rect.origin.y) * stride[1],
+            stride_x=stride[0], stride_y=stride[1], kernel_width=k[0], kernel_height=k[1],
+            dilation_x=d[0], dilation_y=d[1], edge_mode=edge, bounds=self._input_bounds(which, image))
+
+    def _input_bounds(self, which: str, image: MPSImage) -> tuple[int, int, int, int] | None:
+        return None
+
+    # -- result states --------------------------------------------------------------------------------
+    def _make_state(self, primary: MPSImage, secondary: MPSImage, dest: MPSImage | None, cb: MTLCommandBuffer | None) -> MPSState | None:
+        if self._result_state_class is None:
+            return None
+        return self._result_state_class(self._binary_geometry(primary, dest, "primary"), self._binary_geometry(secondary, dest, "secondary"), self.device, cb)
+
+    def _binary_geometry(self, image: MPSImage, dest: MPSImage | None, which: str) -> ForwardGeometry:
+        p = which == "primary"
+        return ForwardGeometry(
+            kernel_class=type(self).__name__, offset=self._p_offset if p else self._s_offset, clip_rect=self._clip_rect,
+            kernel_width=(self._primary_kernel if p else self._secondary_kernel)[0],
+            kernel_height=(self._primary_kernel if p else self._secondary_kernel)[1],
+            stride_in_pixels_x=(self._p_stride if p else self._s_stride)[0], stride_in_pixels_y=(self._p_stride if p else self._s_stride)[1],
+            dilation_rate_x=(self._primary_dilation if p else self._secondary_dilation)[0],
+            dilation_rate_y=(self._primary_dilation if p else self._secondary_dilation)[1],
+            edge_mode=self._p_edge if p else self._s_edge,
+            source_feature_channel_offset=self._p_c_off if p else self._s_c_off,
+            source_feature_channel_max_count=self._p_c_max if p else self._s_c_max,
+            destination_feature_channel_offset=self._dst_c_off, source_width=image.width, source_height=image.height,
+            source_feature_channels=image.feature_channels, source_number_of_images=image.number_of_images,
+            destination_width=dest.width if dest is not None else 0, destination_height=dest.height if dest is not None else 0)
+
+    def result_state(self, primary_image: MPSImage, secondary_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> MPSState | None:
+        """``resultStateForPrimaryImage:secondaryImage:sourceStates:destinationImage:``."""
+        return self._make_state(primary_image, secondary_image, destination_image, None)
+
+    def temporary_result_state(self, command_buffer: MTLCommandBuffer, primary_image: MPSImage, secondary_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> MPSState | None:
+        return self._make_state(primary_image, secondary_image, destination_image, self._check_command_buffer(command_buffer))
+
+    result_state_for_primary_image = result_state
+    temporary_result_state_for_command_buffer = temporary_result_state
+
+    # -- encode ------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        command_buffer: MTLCommandBuffer,
+        primary_image: MPSImage,
+        secondary_image: MPSImage,
+        destination_image: MPSImage | None = None,
+        *,
+        destination_state: MPSState | None = None,
+        destination_state_is_temporary: bool | None = None,
+    ) -> Any:
+        """Encode with two sources; the forms mirror :meth:`MPSCNNKernel.encode`."""
+        return self._encode_binary(command_buffer, primary_image, secondary_image, destination_image, None,
+                                   destination_state, destination_state_is_temporary)
+
+    def encode_batch(
+        self,
+        command_buffer: MTLCommandBuffer,
+        primary_images: Sequence[MPSImage],
+        secondary_images: Sequence[MPSImage],
+        destination_images: Sequence[MPSImage] | None = None,
+        *,
+        destination_states: Sequence[MPSState] | None = None,
+        destination_state_is_temporary: bool | None = None,
+    ) -> Any:
+        return self._encode_binary_batch(command_buffer, primary_images, secondary_images, destination_images, None,
+                                         destination_states, destination_state_is_temporary)
+
+    def _encode_binary(self, command_buffer, primary, secondary, destination, source_states, destination_state, destination_state_is_temporary):  # type: ignore[no-untyped-def]
+        cb = self._check_command_buffer(command_buffer)
+        prim = self._check_image(self._input_names[0], primary, cb)
+        sec = self._check_image(self._input_names[1], secondary, cb)
+        states = [self._check_state(f"{self._state_name}", s, cb) for s in (source_states or [])]
+        if destination is not None:
+            if destination_state_is_temporary is not None:
+                raise MPSValueError(f"{self._name()}: `destination_state_is_temporary` goes with the forms that return the result")
+            if states:
+                # the explicit form still takes the geometry the states carry
+                self.destination_image_descriptor([prim, sec], states)
+            self._encode_checked(cb, prim, sec, destination, destination_state)
+            _consume([prim, sec, *states])
+            return None
+        desc = self.destination_image_descriptor([prim, sec], states)
+        dest = self._allocator.image_for_command_buffer(cb, desc, self)
+        state = None
+        if destination_state_is_temporary is not None:
+            state = self._make_state(prim, sec, dest, cb if destination_state_is_temporary else None)
+        self._encode_checked(cb, prim, sec, dest, state)
+        _consume([prim, sec, *states])
+        return (dest, state) if destination_state_is_temporary is not None else dest
+
+    def _encode_binary_batch(self, command_buffer, primaries, secondaries, destinations, source_states, destination_states, destination_state_is_temporary):  # type: ignore[no-untyped-def]
+        cb = self._check_command_buffer(command_buffer)
+        n = len(primaries)
+        if len(secondaries) != n:
+            raise value_error(self._name(), self._input_names[1] + "s", f"{len(secondaries)} images", f"match the {n} {self._input_names[0]}s")
+        if source_states is not None and len(source_states) != n:
+            raise value_error(self._name(), self._state_name + "s", f"{len(source_states)} states", f"match the {n} images")
+        prims = [self._check_image(f"{self._input_names[0]}s[{k}]", p, cb) for k, p in enumerate(primaries)]
+        secs = [self._check_image(f"{self._input_names[1]}s[{k}]", s, cb) for k, s in enumerate(secondaries)]
+        sts = [self._check_state(f"{self._state_name}s[{k}]", s, cb) for k, s in enumerate(source_states or [])]
+        if destinations is not None:
+            if len(destinations) != n:
+                raise value_error(self._name(), "destination_images", f"{len(destinations)} images", f"match the {n} sources")
+            for k in range(n):
+                if sts:
+                    self.destination_image_descriptor([prims[k], secs[k]], [sts[k]])
+                for other in prims + secs:
+                    self._check_no_alias(destinations[k], other)
+                self._encode_checked(cb, prims[k], secs[k], destinations[k], destination_states[k] if destination_states else None)
+            _consume(prims + secs + sts)
+            return None
+        dests, states = [], []
+        for k in range(n):
+            if prims[k].number_of_images != 1:
+                raise value_error(self._name(), f"{self._input_names[0]}s[{k}].number_of_images", prims[k].number_of_images, "be 1 in the batch forms that return images")
+            desc = self.destination_image_descriptor([prims[k], secs[k]], [sts[k]] if sts else None)
+            d = self._allocator.image_for_command_buffer(cb, desc, self)
+            st = None
+            if destination_state_is_temporary is not None:
+                st = self._make_state(prims[k], secs[k], d, cb if destination_state_is_temporary else None)
+                states.append(st)
+            self._encode_checked(cb, prims[k], secs[k], d, st)
+            dests.append(d)
+        _consume(prims + secs + sts)
+        return (dests, states) if destination_state_is_temporary is not None else dests
+
+    _input_names = ("primary_image", "secondary_image")
+    _state_name = "source_state"
+
+    def _encode_checked(self, cb: MTLCommandBuffer, prim: MPSImage, sec: MPSImage, dest: Any, state: MPSState | None) -> None:
+        dest = self._check_image("destination_image", dest, cb)
+        self._check_no_alias(dest, prim, sec)
+        np_ = self._channels_used(prim, self._p_c_off, self._p_c_max, "primary")
+        ns = self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary")
+        nout = self.output_feature_channels(np_, ns)
+        if self._dst_c_off + nout > dest.feature_channels:
+            raise value_error(self._name(), "destination_image.feature_channels", dest.feature_channels,
+                              f"be >= destination_feature_channel_offset + {nout} output channels = {self._dst_c_off + nout}")
+        for which, img, off in (("primary", prim, self._p_offset), ("secondary", sec, self._s_offset)):
+            if off.z < 0 or off.z >= img.number_of_images:
+                raise value_error(self._name(), f"{which}_offset.z", off.z, f"address a {which} image in [0, {img.number_of_images})")
+        avail = min(prim.number_of_images - self._p_offset.z, sec.number_of_images - self._s_offset.z)
+        n0, count, x0, y0, w, h = _clip_region(self._name(), self._clip_rect, dest, avail)
+        if state is not None:
+            state = self._check_state("destination_state", state, cb)
+            if isinstance(state, MPSNNBinaryGradientState):
+                state.geometry = self._binary_geometry(prim, dest, "primary")
+                state.secondary_geometry = self._binary_geometry(sec, dest, "secondary")
+        region = Region(n0, count, x0, y0, w, h, self._dst_c_off, nout)
+        pg = self._input_geometry("primary", prim, x0, y0, np_)
+        sg = self._input_geometry("secondary", sec, x0, y0, ns)
+        if count == 0 or w == 0 or h == 0:
+            return
+        with cb.encoding(self._name()):
+            self._encode_region(cb, prim, pg, sec, sg, dest, region, state)
+
+    def _encode_region(self, cb: MTLCommandBuffer, prim: MPSImage, pg: InputGeometry, sec: MPSImage, sg: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _encode_region")
+
+
+class MPSCNNGradientKernel(MPSCNNBinaryKernel):
+    """``MPSCNNGradientKernel``: base of gradient (training) kernels.
+
+    Primary input = the incoming gradient (dL/d forward output); secondary = the forward
+    source image. The result is dL/d forward source.
+
+    ``kernel_offset_x`` / ``kernel_offset_y`` (default 0): offset applied after the incoming
+    gradient is upsampled by zero insertion; the effective offset on the upsampled gradient is
+    ``primary_offset * primary_stride + kernel_offset``.
+
+    Encode forms: ``encode(cb, source_gradient, source_image, gradient_state[,
+    destination_gradient])`` and ``encode_batch(cb, source_gradients, source_images,
+    gradient_states[, destination_gradients])``. The gradient state (made by the forward
+    encode) supplies the forward kernel's geometry; with it, the result is the size of the
+    forward source and result pixel ``p`` reads the incoming gradient at
+    ``p - forward.offset + forward.clip_rect.origin``, the gradient being 0 where the forward
+    pass wrote nothing.
+    """
+
+    _input_names = ("source_gradient", "source_image")
+    _state_name = "gradient_state"
+    _gradient_state_class: type = MPSNNGradientState
+
+    def __init__(self, device: Device | str) -> None:
+        super().__init__(device)
+        self.kernel_offset_x = 0
+        self.kernel_offset_y = 0
+        self._forward: ForwardGeometry | None = None
+
+    def apply_forward_geometry(self, g: ForwardGeometry) -> None:
+        """Take the forward kernel's geometry from its gradient state (unit-stride, windowless
+        forward kernels; windowed kernels override)."""
+        self._forward = g
+        self._p_offset = MPSOffset(g.clip_rect.origin.x - g.offset.x, g.clip_rect.origin.y - g.offset.y, 0)
+        self._s_offset = MPSOffset(0, 0, 0)
+        self._p_edge = MPSImageEdgeMode.zero
+        self._p_c_off = g.destination_feature_channel_offset
+        self._s_c_off = g.source_feature_channel_offset
+        self._dst_c_off = g.source_feature_channel_offset
+        self._p_c_max = g.source_feature_channel_max_count
+        self._s_c_max = g.source_feature_channel_max_count
+
+    def _input_bounds(self, which: str, image: MPSImage) -> tuple[int, int, int, int] | None:
+        g = self._forward
+        if which != "primary" or g is None:
+            return None
+        c = g.clip_rect
+        x1 = min(c.origin.x + c.size.width, g.destination_width or image.width, image.width)
+        y1 = min(c.origin.y + c.size.height, g.destination_height or image.height, image.height)
+        return (c.origin.x, x1, c.origin.y, y1)
+
+    def encode(  # type: ignore[override]
+        self,
+        command_buffer: MTLCommandBuffer,
+        source_gradient: MPSImage,
+        source_image: MPSImage,
+        gradient_state: MPSState,
+        destination_gradient: MPSImage | None = None,
+    ) -> MPSImage | None:
+        """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
+        self._forward = None
+        return self._encode_binary(command_buffer, source_gradient, source_image, destination_gradient, [gradient_state], None, None)
+
+    def encode_batch(  # type: ignore[override]
+        self,
+        command_buffer: MTLCommandBuffer,
+        source_gradients: Sequence[MPSImage],
+        source_images: Sequence[MPSImage],
+        gradient_states: Sequence[MPSState],
+        destination_gradients: Sequence[MPSImage] | None = None,
+    ) -> list[MPSImage] | None:
+        self._forward = None
+        return self._encode_binary_batch(command_buffer, source_gradients, source_images, destination_gradients, list(gradient_states), None, None)

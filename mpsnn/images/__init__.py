@@ -1,0 +1,1 @@
+"""MPSImage, MPSTemporaryImage, descriptors, allocators, batches and MPSState."""

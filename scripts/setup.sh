@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up a local virtual environment (.venv) with mpsnn installed in editable mode.
+#
+# PyTorch: if the environment has no torch yet, this installs $TORCH_SPEC
+# (default torch==2.13.0, which resolves to the CPU build on a CPU-only machine and never
+# pulls the multi-GB CUDA wheels). GPU users: install a CUDA build of torch>=2.4 into .venv
+# first (see README "GPU set-up"), or run with MPSNN_USE_SYSTEM_PYTHON=1 to use the
+# interpreter's own packages instead of a venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${MPSNN_USE_SYSTEM_PYTHON:-0}" = "1" ]; then
+  PY=${PYTHON:-python3}
+else
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "${PYTHON:-python3}" -m venv .venv
+  fi
+  PY=.venv/bin/python
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
+  "$PY" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! "$PY" -c "import mpsnn, pytest, hypothesis" >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.mpsnn-installed ]; then
+  echo "[setup] installing mpsnn (editable) with test extras"
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  [ -d .venv ] && touch .venv/.mpsnn-installed
+fi
+echo "$PY"
