@@ -22,10 +22,9 @@ numerics (through ``mpsnn.backends``). Encoding never synchronises the host with
 from __future__ import annotations
 
 import copy as _copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSNNGradientState, MPSState
@@ -33,7 +32,7 @@ from .device import Device, MTLCommandBuffer, as_device
 from .enums import MPSImageEdgeMode, MPSKernelOptions, MPSNNPaddingMethod
 from .errors import MPSDeviceError, MPSStateError, MPSTypeError, MPSValueError, value_error
 from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method, as_padding
-from .structs import MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLSize
+from .structs import MPSOffset, MPSRectNoClip, MTLRegion
 
 ULONG_MAX = (1 << 64) - 1
 _DEFAULT_PADDING = int(MPSNNPaddingMethod.alignCentered | MPSNNPaddingMethod.addRemainderToTopLeft | MPSNNPaddingMethod.sizeSame)
@@ -885,7 +884,9 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
     encode) supplies the forward kernel's geometry; with it, the result is the size of the
     forward source and result pixel ``p`` reads the incoming gradient at
     ``p - forward.offset + forward.clip_rect.origin``, the gradient being 0 where the forward
-    pass wrote nothing.
+    pass wrote nothing. Result image ``n`` pairs with incoming-gradient image ``n``: a forward
+    encode that moved images (``offset.z``, ``clip_rect.origin.z`` or a partial
+    ``clip_rect.size.depth``) is refused with :class:`~mpsnn.MPSValueError`.
     """
 
     _input_names = ("source_gradient", "source_image")
@@ -908,8 +909,11 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         self._p_c_off = g.destination_feature_channel_offset
         self._s_c_off = g.source_feature_channel_offset
         self._dst_c_off = g.source_feature_channel_offset
-        self._p_c_max = g.source_feature_channel_max_count
-        self._s_c_max = g.source_feature_channel_max_count
+        # both inputs use exactly the forward pass's Nin channels (the incoming gradient may
+        # be wider than destination_feature_channel_offset + Nin, e.g. after a concatenation)
+        nin = max(1, min(g.source_feature_channel_max_count, g.source_feature_channels - g.source_feature_channel_offset))
+        self._p_c_max = nin
+        self._s_c_max = nin
 
     def _input_bounds(self, which: str, image: MPSImage) -> tuple[int, int, int, int] | None:
         g = self._forward
@@ -919,6 +923,28 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         x1 = min(c.origin.x + c.size.width, g.destination_width or image.width, image.width)
         y1 = min(c.origin.y + c.size.height, g.destination_height or image.height, image.height)
         return (c.origin.x, x1, c.origin.y, y1)
+
+    def destination_image_descriptor(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None = None) -> MPSImageDescriptor:
+        # Take the forward geometry *before* the base class checks channel counts: those
+        # checks depend on the channel windows the gradient state carries.
+        for st in source_states or []:
+            if isinstance(st, MPSNNGradientState):
+                self.apply_forward_geometry(st.geometry)
+                self._check_forward_batch(st.geometry, source_images)
+        return super().destination_image_descriptor(source_images, source_states)
+
+    def _check_forward_batch(self, g: ForwardGeometry, source_images: Sequence[MPSImage]) -> None:
+        """Gradient kernels map result image n to incoming-gradient image n: refuse a forward
+        pass that moved images with ``offset.z`` / ``clip_rect`` (a silently wrong result)."""
+        n = g.source_number_of_images
+        counts = [img.number_of_images for img in source_images]
+        if g.offset.z != 0 or g.clip_rect.origin.z != 0 or g.clip_rect.size.depth < n or any(c != n for c in counts):
+            raise value_error(
+                self._name(), "gradient_state",
+                f"forward offset.z={g.offset.z}, clip_rect.origin.z={g.clip_rect.origin.z}, clip_rect.size.depth={g.clip_rect.size.depth}",
+                f"come from a forward encode that mapped every image n of its {n}-image source to image n "
+                "(batch addressing through offset.z / clip_rect is not supported by gradient kernels)",
+                f"{self._input_names[0]}/{self._input_names[1]} with {counts} images")
 
     def encode(  # type: ignore[override]
         self,

@@ -12,8 +12,8 @@ ran; the matching gradient kernel reads it to size its result and to map coordin
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
