@@ -115,4 +115,7 @@ def slices_per_image(feature_channels: int) -> int:
 def quantize_unorm(values: torch.Tensor, fmt: F) -> torch.Tensor:
     """Clamp to [0,1] and round to the nearest representable unorm value (Metal's rule)."""
     m = UNORM_MAX[fmt]
-    return torch.round(values.float().clamp(0.0, 1.0) * m) / m
+    k = torch.round(values.float().clamp(0.0, 1.0) * m)
+    # divide by a device tensor, not a Python scalar: CUDA turns `t / scalar` into
+    # `t * (1/scalar)`, which can miss the correctly rounded k/m by one ulp (CPU != CUDA)
+    return k / k.new_full((), m)

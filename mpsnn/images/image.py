@@ -35,7 +35,7 @@ import torch
 
 from ..core.device import Device, MTLCommandBuffer, as_device
 from ..core.enums import MPSDataLayout, MPSImageFeatureChannelFormat, MPSPurgeableState
-from ..core.errors import MPSStateError, MPSTypeError, MPSValueError, value_error
+from ..core.errors import MPSStateError, MPSTypeError, value_error
 from ..core.structs import MPSImageReadWriteParams, MTLOrigin, MTLRegion, MTLSize
 from . import formats as fm
 from .formats import MTLPixelFormat, MTLTextureType, MTLTextureUsage
@@ -347,7 +347,8 @@ class MPSImage:
     def to_numpy(self) -> np.ndarray:
         """A float32 NHWC copy on the host (synchronises with the device)."""
         self._check_host_access("to_numpy")
-        return self.tensor.detach().float().cpu().numpy()
+        # copy=True: on the CPU .float().cpu() would alias the image's own storage
+        return self.tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
     def store(self, values: torch.Tensor, index: tuple = ()) -> None:
         """Write real ``values`` into ``tensor[index]``, converting to the storage format
@@ -631,6 +632,10 @@ class MPSTemporaryImage(MPSImage):
     def _check_alive(self, what: str) -> None:
         if self._read_count == 0:
             raise MPSStateError(f"MPSTemporaryImage: {self._name()} was used (`{what}`) after its `read_count` reached 0; its storage was recycled")
+        # a view whose parent was released (parent.read_count set to 0 by hand) must not
+        # silently re-allocate the parent's storage from the pool
+        if isinstance(self.parent, MPSTemporaryImage):
+            self.parent._check_alive(what)
 
     def _check_host_access(self, what: str) -> None:
         raise MPSStateError(f"MPSTemporaryImage: `{what}` is not allowed on {self._name()}: temporary images are GPU-only")
