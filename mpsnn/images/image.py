@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..core.device import Device, MTLCommandBuffer, as_device
+from ..core.device import Device, MTLCommandBuffer, as_device, default_device
 from ..core.enums import MPSDataLayout, MPSImageFeatureChannelFormat, MPSPurgeableState
 from ..core.errors import MPSStateError, MPSTypeError, value_error
 from ..core.structs import MPSImageReadWriteParams, MTLOrigin, MTLRegion, MTLSize
@@ -234,13 +234,14 @@ class MPSImage:
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, device: Device | str | None = None, feature_channel_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32) -> "MPSImage":
-        """Copy an NHWC (or HWC) array of real values into a new image of the given format."""
+        """Copy an NHWC (or HWC) array of real values into a new image of the given format,
+        on ``device`` (default: :func:`mpsnn.default_device`)."""
         arr = np.asarray(array)
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4:
             raise value_error("MPSImage", "array", arr.shape, "have shape [N, H, W, C] or [H, W, C]")
-        dev = as_device(device, "MPSImage") if device is not None else Device("cpu")
+        dev = as_device(device, "MPSImage") if device is not None else default_device()
         n, h, w, c = arr.shape
         img = cls(dev, MPSImageDescriptor(channel_format=feature_channel_format, width=w, height=h, feature_channels=c, number_of_images=n))
         img.store(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev.torch_device))
@@ -347,6 +348,7 @@ class MPSImage:
     def to_numpy(self) -> np.ndarray:
         """A float32 NHWC copy on the host (synchronises with the device)."""
         self._check_host_access("to_numpy")
+        self._host_sync()
         # copy=True: on the CPU .float().cpu() would alias the image's own storage
         return self.tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
@@ -389,6 +391,12 @@ class MPSImage:
     # -- byte I/O ---------------------------------------------------------------------------
     def _check_host_access(self, what: str) -> None:
         pass
+
+    def _host_sync(self) -> None:
+        """Wait for all work queued on the image's device, whatever stream a command buffer
+        used, so that a host transfer sees (and does not race with) encoded kernels."""
+        if self.device.is_cuda:
+            torch.cuda.synchronize(self.device.torch_device)
 
     def _transfer_plan(self, what: str, data_layout: Any, image_index: int, region: MTLRegion | None, feature_channel_info: MPSImageReadWriteParams | None, bytes_per_column: int | None, bytes_per_row: int | None, bytes_per_image: int | None):
         owner = type(self).__name__
@@ -460,6 +468,7 @@ class MPSImage:
         """
         self._check_host_access("read_bytes")
         layout, (rx, ry, rw, rh, rd), (c0, k), host, shape, strides, need = self._transfer_plan("read_bytes", data_layout, image_index, region, feature_channel_info, bytes_per_column, bytes_per_row, bytes_per_image)
+        self._host_sync()
         block = self.tensor[image_index:image_index + rd, ry:ry + rh, rx:rx + rw, c0:c0 + k].detach().float().cpu()
         vals = self._to_host(block, host)
         if layout == MPSDataLayout.FeatureChannelsxHeightxWidth:
@@ -520,6 +529,7 @@ class MPSImage:
             vals = np.ndarray(shape=shape, dtype=host, buffer=buf, offset=0, strides=strides)
         if layout == MPSDataLayout.FeatureChannelsxHeightxWidth:
             vals = vals.transpose(0, 2, 3, 1)
+        self._host_sync()
         real = torch.from_numpy(np.ascontiguousarray(vals).astype(np.float32))
         if self.feature_channel_format in fm.UNORM_MAX:
             real = real / fm.UNORM_MAX[self.feature_channel_format]
