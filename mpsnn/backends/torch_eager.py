@@ -36,6 +36,13 @@ def _log(c: float) -> float:
     return math.log(c) if c > 0 else (-math.inf if c == 0 else math.nan)
 
 
+def _pow(base: torch.Tensor, exponent: float) -> torch.Tensor:
+    """IEEE ``pow`` with a scalar exponent. ``torch.pow(t, 0.5)`` is rewritten to ``sqrt``
+    (NaN at -inf where IEEE pow gives +inf); a 0-d tensor exponent, made on the device
+    without a host round trip, keeps the IEEE semantics."""
+    return torch.pow(base, base.new_full((), exponent))
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
@@ -70,7 +77,7 @@ def neuron_forward(x: torch.Tensor, p: NeuronParams) -> torch.Tensor:
     if t == T.reLUN:
         return torch.clamp_max(torch.where(x >= 0, x, a * x), b)
     if t == T.power:
-        return torch.pow(a * x + b, c)
+        return _pow(a * x + b, c)
     if t == T.exponential:
         return torch.exp(a * x + b) if c == -1.0 else torch.pow(c, a * x + b)
     if t == T.logarithm:
@@ -116,7 +123,7 @@ def neuron_derivative(x: torch.Tensor, p: NeuronParams) -> torch.Tensor:
         pos = torch.where(x >= 0, x, a * x)
         return torch.where(pos >= b, 0.0 * one, torch.where(x >= 0, one, a * one))
     if t == T.power:
-        return a * c * torch.pow(a * x + b, c - 1.0)
+        return a * c * _pow(a * x + b, c - 1.0)
     if t == T.exponential:
         if c == -1.0:
             return a * torch.exp(a * x + b)
