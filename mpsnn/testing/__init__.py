@@ -1,0 +1,28 @@
+"""Test oracles for mpsnn: independent float64 NumPy references and one tolerance table.
+
+Nothing here imports ``mpsnn.backends``: the references re-derive every formula from the
+spec (``shared/spec``) so that a bug in the production numerics cannot hide in both.
+"""
+from __future__ import annotations
+
+from . import reference, tolerances
+from .reference import (
+    neuron_derivative,
+    neuron_forward,
+    unary_gradient_reference,
+    unary_kernel_reference,
+)
+from .tolerances import TOLERANCES, Tol, assert_close, tolerance
+
+__all__ = [
+    "TOLERANCES",
+    "Tol",
+    "assert_close",
+    "neuron_derivative",
+    "neuron_forward",
+    "reference",
+    "tolerance",
+    "tolerances",
+    "unary_gradient_reference",
+    "unary_kernel_reference",
+]
