@@ -25,7 +25,6 @@ import copy as _copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSNNGradientState, MPSState
 from .device import Device, MTLCommandBuffer, as_device
@@ -791,6 +790,7 @@ class MPSCNNBinaryKernel(MPSKernel):
             return None
         desc = self.destination_image_descriptor([prim, sec], states)
         dest = self._allocator.image_for_command_buffer(cb, desc, self)
+        self._prepare_new_destination(cb, prim, sec, dest)
         state = None
         if destination_state_is_temporary is not None:
             state = self._make_state(prim, sec, dest, cb if destination_state_is_temporary else None)
@@ -825,6 +825,7 @@ class MPSCNNBinaryKernel(MPSKernel):
                 raise value_error(self._name(), f"{self._input_names[0]}s[{k}].number_of_images", prims[k].number_of_images, "be 1 in the batch forms that return images")
             desc = self.destination_image_descriptor([prims[k], secs[k]], [sts[k]] if sts else None)
             d = self._allocator.image_for_command_buffer(cb, desc, self)
+            self._prepare_new_destination(cb, prims[k], secs[k], d)
             st = None
             if destination_state_is_temporary is not None:
                 st = self._make_state(prims[k], secs[k], d, cb if destination_state_is_temporary else None)
@@ -836,6 +837,9 @@ class MPSCNNBinaryKernel(MPSKernel):
 
     _input_names = ("primary_image", "secondary_image")
     _state_name = "source_state"
+
+    def _prepare_new_destination(self, cb: MTLCommandBuffer, prim: MPSImage, sec: MPSImage, dest: MPSImage) -> None:
+        """Hook run on a result the kernel allocated itself, before the encode writes it."""
 
     def _encode_checked(self, cb: MTLCommandBuffer, prim: MPSImage, sec: MPSImage, dest: Any, state: MPSState | None) -> None:
         dest = self._check_image("destination_image", dest, cb)
@@ -914,6 +918,16 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         nin = max(1, min(g.source_feature_channel_max_count, g.source_feature_channels - g.source_feature_channel_offset))
         self._p_c_max = nin
         self._s_c_max = nin
+
+    def _prepare_new_destination(self, cb: MTLCommandBuffer, prim: MPSImage, sec: MPSImage, dest: MPSImage) -> None:
+        """A gradient result the kernel allocated is zero wherever the encode does not write
+        (channels outside the forward pass's channel window): the true gradient there is 0,
+        and a pooled temporary would otherwise expose stale data."""
+        nout = self.output_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
+                                            self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
+        if self._dst_c_off != 0 or nout != dest.feature_channels:
+            with cb.encoding(self._name()):
+                dest.tensor.zero_()
 
     def _input_bounds(self, which: str, image: MPSImage) -> tuple[int, int, int, int] | None:
         g = self._forward

@@ -428,6 +428,33 @@ def test_gradient_through_forward_geometry(device, cb, geom: Geometry, form: str
     assert_close(values(dx), expected, torch.float32, msg=geom.id)
 
 
+def test_gradient_auto_result_is_zero_outside_the_forward_channel_window(device, cb) -> None:
+    """An auto-allocated gradient result reuses pooled storage; channels the forward pass did
+    not read must come back as gradient 0, not as stale pool contents."""
+    shape = (1, 3, 4, 8)
+    x_img, x = image(random(11, shape), device)
+    dy_img, dy = image(random(12, (1, 3, 4, 4)), device)
+    # leave poisoned storage of the result's size in the command buffer's pool
+    stale = MPSTemporaryImage(cb, _float_desc(4, 3, 8))
+    stale.tensor.fill_(POISON)
+    stale.read_count = 0
+    assert cb.pooled_storage_count() == 1
+    k = TANH.kernel(device)
+    k.source_feature_channel_offset = 4
+    y, _ = poisoned((1, 3, 4, 4), device)
+    state = k.result_state(x_img, destination_image=y)
+    k.encode(cb, x_img, y, destination_state=state)
+    dx = TANH.gradient(device).encode(cb, dy_img, x_img, state)
+    assert isinstance(dx, MPSTemporaryImage) and cb.pooled_storage_count() == 0, "the result took the pooled storage"
+    out = MPSImage(device, image_descriptor=_float_desc(4, 3, 8))
+    mpsnn.MPSCNNNeuron(device, neuron_descriptor=MPSNNNeuronDescriptor.cnn_neuron_descriptor(T.none)).encode(cb, dx, out)
+    finish(cb)
+    got = values(out)
+    np.testing.assert_array_equal(got[..., :4], 0.0)
+    expected = dy * ref.neuron_derivative(x[..., 4:], T.tanH, TANH.a, TANH.b, 0.0)
+    assert_close(got[..., 4:], expected, torch.float32)
+
+
 @pytest.mark.parametrize("geom", [
     pytest.param(Geometry("offset_z", (3, 2, 3, 3), (2, 2, 3, 3), offset=(0, 0, 1)), id="offset_z"),
     pytest.param(Geometry("clip_z", (2, 2, 3, 3), (3, 2, 3, 3), clip=((0, 0, 1), (9, 9, 2))), id="clip_origin_z"),
