@@ -567,7 +567,7 @@ def test_batch_representation_aliases(device):
     img = make_image(device, F.float32, 3, 2, 6, 4)
     views = img.batch_representation()
     assert len(views) == 4
-    for i, v in enumerate(views):
+    for v in views:
         assert v.parent is img and v.number_of_images == 1 and v.feature_channels == 6
         assert (v.width, v.height, v.feature_channel_format) == (3, 2, F.float32)
         assert isinstance(v, MPSImage) and not v.is_temporary

@@ -166,7 +166,10 @@ def test_reference_rule_by_hand() -> None:
     """The coordinate reference itself, on values worked out by hand (kernel-base.md §2.2)."""
     src = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
     dest = np.full((1, 1, 4, 1), -7.0)
-    ident = lambda v: v
+
+    def ident(v):
+        return v
+
     got = ref.unary_kernel_reference(src, dest, offset=(-1, 0, 0), edge_mode="zero", fn=ident)
     assert got.ravel().tolist() == [0.0, 1.0, 2.0, 3.0]
     got = ref.unary_kernel_reference(src, dest, offset=(-1, 0, 0), edge_mode="clamp", fn=ident)
