@@ -12,18 +12,18 @@ if [ "${MPSNN_USE_SYSTEM_PYTHON:-0}" = "1" ]; then
   PY=${PYTHON:-python3}
 else
   if [ ! -x .venv/bin/python ]; then
-    echo "[setup] creating .venv"
+    echo "[setup] creating .venv" >&2
     "${PYTHON:-python3}" -m venv .venv
   fi
   PY=.venv/bin/python
 fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0}"
-  "$PY" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+  echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0} (one-time)" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" >&2
 fi
 if ! "$PY" -c "import mpsnn, pytest, hypothesis" >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.mpsnn-installed ]; then
-  echo "[setup] installing mpsnn (editable) with test extras"
-  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  echo "[setup] installing mpsnn (editable) with test extras" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]" >&2
   [ -d .venv ] && touch .venv/.mpsnn-installed
 fi
-echo "$PY"
+echo "$PY"   # the only line on stdout: the interpreter to use
