@@ -21,9 +21,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing ${TORCH_SPEC:-torch==2.13.0} (one-time)" >&2
   "$PY" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" >&2
 fi
-if ! "$PY" -c "import mpsnn, pytest, hypothesis" >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.mpsnn-installed ]; then
+# reinstall when mpsnn or the test tools are missing, or (venv only) pyproject.toml changed
+stale=0
+if [ "$PY" = ".venv/bin/python" ] && [ pyproject.toml -nt .venv/.mpsnn-installed ]; then stale=1; fi
+if [ "$stale" = 1 ] || ! "$PY" -c "import mpsnn, pytest, hypothesis" >/dev/null 2>&1; then
   echo "[setup] installing mpsnn (editable) with test extras" >&2
   "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]" >&2
-  [ -d .venv ] && touch .venv/.mpsnn-installed
+  if [ "$PY" = ".venv/bin/python" ]; then touch .venv/.mpsnn-installed; fi
 fi
 echo "$PY"   # the only line on stdout: the interpreter to use
