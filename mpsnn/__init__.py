@@ -82,6 +82,8 @@ from .kernels.neuron import (
     MPSNNNeuronDescriptor,
 )
 
+from .core import padding as padding  # the result-size rules as pure functions (dest_size, padding_offset, ...)
+
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list
 MPSStateBatch = list

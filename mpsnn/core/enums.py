@@ -58,6 +58,8 @@ class MPSKernelOptions(enum.IntFlag):
 
 
 class MPSPurgeableState(enum.IntEnum):
+    """Purgeability of a resource (images.md §1.6); values equal Metal's ``MTLPurgeableState``."""
+
     allocationDeferred = 0
     keepCurrent = 1
     nonVolatile = 2
@@ -66,12 +68,16 @@ class MPSPurgeableState(enum.IntEnum):
 
 
 class MPSStateResourceType(enum.IntEnum):
+    """Kind of resource at an index of an ``MPSState`` (images.md §9.1)."""
+
     none = 0
     buffer = 1
     texture = 2
 
 
 class MTLCommandBufferStatus(enum.IntEnum):
+    """Life cycle of an ``MTLCommandBuffer``: notEnqueued -> committed -> completed (or error)."""
+
     notEnqueued = 0
     enqueued = 1
     committed = 2

@@ -888,7 +888,8 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
     encode) supplies the forward kernel's geometry; with it, the result is the size of the
     forward source and result pixel ``p`` reads the incoming gradient at
     ``p - forward.offset + forward.clip_rect.origin``, the gradient being 0 where the forward
-    pass wrote nothing. Result image ``n`` pairs with incoming-gradient image ``n``: a forward
+    pass wrote nothing. With ``gradient_state=None`` the kernel's own ``primary_offset``,
+    ``secondary_offset``, channel offsets and edge modes are used as set. Result image ``n`` pairs with incoming-gradient image ``n``: a forward
     encode that moved images (``offset.z``, ``clip_rect.origin.z`` or a partial
     ``clip_rect.size.depth``) is refused with :class:`~mpsnn.MPSValueError`.
     """
@@ -965,20 +966,22 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         command_buffer: MTLCommandBuffer,
         source_gradient: MPSImage,
         source_image: MPSImage,
-        gradient_state: MPSState,
+        gradient_state: MPSState | None,
         destination_gradient: MPSImage | None = None,
     ) -> MPSImage | None:
         """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
         self._forward = None
-        return self._encode_binary(command_buffer, source_gradient, source_image, destination_gradient, [gradient_state], None, None)
+        states = [gradient_state] if gradient_state is not None else None
+        return self._encode_binary(command_buffer, source_gradient, source_image, destination_gradient, states, None, None)
 
     def encode_batch(  # type: ignore[override]
         self,
         command_buffer: MTLCommandBuffer,
         source_gradients: Sequence[MPSImage],
         source_images: Sequence[MPSImage],
-        gradient_states: Sequence[MPSState],
+        gradient_states: Sequence[MPSState] | None,
         destination_gradients: Sequence[MPSImage] | None = None,
     ) -> list[MPSImage] | None:
         self._forward = None
-        return self._encode_binary_batch(command_buffer, source_gradients, source_images, destination_gradients, list(gradient_states), None, None)
+        states = list(gradient_states) if gradient_states is not None else None
+        return self._encode_binary_batch(command_buffer, source_gradients, source_images, destination_gradients, states, None, None)

@@ -20,6 +20,8 @@ class MPSOffset:
 
 @dataclass(frozen=True)
 class MTLOrigin:
+    """Metal origin (unsigned pixel / image coordinates)."""
+
     x: int = 0
     y: int = 0
     z: int = 0
@@ -27,6 +29,8 @@ class MTLOrigin:
 
 @dataclass(frozen=True)
 class MTLSize:
+    """Metal size; ``depth`` counts images for MPS regions. Defaults to 1 in every dimension (a one-pixel region)."""
+
     width: int = 1
     height: int = 1
     depth: int = 1
@@ -54,15 +58,19 @@ MPSRectNoClip = MTLRegion(MTLOrigin(0, 0, 0), MTLSize(_UINT_MAX, _UINT_MAX, _UIN
 
 
 def MTLRegionMake2D(x: int, y: int, width: int, height: int) -> MTLRegion:
+    """Metal's ``MTLRegionMake2D``: origin ``(x, y, 0)``, size ``(width, height, 1)``."""
     return MTLRegion.make_2d(x, y, width, height)
 
 
 def MTLRegionMake3D(x: int, y: int, z: int, width: int, height: int, depth: int) -> MTLRegion:
+    """Metal's ``MTLRegionMake3D``: origin ``(x, y, z)``, size ``(width, height, depth)``."""
     return MTLRegion.make_3d(x, y, z, width, height, depth)
 
 
 @dataclass(frozen=True)
 class MPSOrigin:
+    """Floating-point origin (``MPSOrigin``)."""
+
     x: float = 0.0
     y: float = 0.0
     z: float = 0.0
@@ -70,6 +78,8 @@ class MPSOrigin:
 
 @dataclass(frozen=True)
 class MPSSize:
+    """Floating-point size (``MPSSize``)."""
+
     width: float = 1.0
     height: float = 1.0
     depth: float = 1.0
@@ -77,12 +87,16 @@ class MPSSize:
 
 @dataclass(frozen=True)
 class MPSRegion:
+    """Floating-point region (``MPSRegion``)."""
+
     origin: MPSOrigin = MPSOrigin()
     size: MPSSize = MPSSize()
 
 
 @dataclass(frozen=True)
 class MPSImageCoordinate:
+    """A pixel and channel position (``MPSImageCoordinate``)."""
+
     x: int = 0
     y: int = 0
     channel: int = 0
@@ -90,6 +104,8 @@ class MPSImageCoordinate:
 
 @dataclass(frozen=True)
 class MPSImageRegion:
+    """A region of pixels and channels (``MPSImageRegion``: offset and size in {pixels, pixels, channels})."""
+
     offset: MPSImageCoordinate = MPSImageCoordinate()
     size: MPSImageCoordinate = MPSImageCoordinate()
 
@@ -104,6 +120,8 @@ class MPSImageReadWriteParams:
 
 @dataclass(frozen=True)
 class MPSStateTextureInfo:
+    """What ``MPSState.texture_info_at_index`` reports (zeros for non-textures)."""
+
     width: int = 0
     height: int = 0
     depth: int = 0

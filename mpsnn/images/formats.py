@@ -28,6 +28,8 @@ class MTLPixelFormat(enum.IntEnum):
 
 
 class MTLTextureType(enum.IntEnum):
+    """Metal texture types; an MPSImage reports ``type2D`` or ``type2DArray`` (images.md §2)."""
+
     type1D = 0
     type1DArray = 1
     type2D = 2
@@ -39,6 +41,8 @@ class MTLTextureType(enum.IntEnum):
 
 
 class MTLTextureUsage(enum.IntFlag):
+    """Metal texture usage bits (``usage`` of descriptors and images; no numeric effect here)."""
+
     unknown = 0
     shaderRead = 1
     shaderWrite = 2

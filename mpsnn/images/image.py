@@ -45,6 +45,9 @@ NSIntegerMin = -(1 << 63)
 
 @dataclass(frozen=True)
 class NSRange:
+    """Foundation's ``NSRange``; wherever one is taken, a ``range`` or a ``(location, length)``
+    pair works too."""
+
     location: int = 0
     length: int = 0
 
@@ -233,9 +236,22 @@ class MPSImage:
         return img
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray, device: Device | str | None = None, feature_channel_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32) -> "MPSImage":
+    def from_numpy(cls, array: np.ndarray, device: Device | str | None = None, feature_channel_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32, copy: bool = True) -> "MPSImage":
         """Copy an NHWC (or HWC) array of real values into a new image of the given format,
-        on ``device`` (default: :func:`mpsnn.default_device`)."""
+        on ``device`` (default: :func:`mpsnn.default_device`).
+
+        ``copy=False`` wraps the array without copying (writes through either are seen by
+        both); that needs the CPU device and a C-contiguous float32 or float16 array whose
+        dtype is the format's storage type, else :class:`~mpsnn.MPSError` is raised."""
+        if not copy:
+            arr = np.asarray(array)
+            dev = as_device(device, "MPSImage") if device is not None else Device("cpu")
+            fmt = MPSImageFeatureChannelFormat(feature_channel_format)
+            wants = {MPSImageFeatureChannelFormat.float32: np.float32, MPSImageFeatureChannelFormat.float16: np.float16}.get(fmt)
+            if dev.is_cuda or wants is None or arr.dtype != wants or not arr.flags.c_contiguous or not arr.flags.writeable:
+                raise value_error("MPSImage", "copy", False, "be used only for a writable C-contiguous float32/float16 array of the format's dtype on the CPU",
+                                  f"{arr.dtype} array ({'contiguous' if arr.flags.c_contiguous else 'strided'}) for {fmt.name} on {dev}")
+            return cls.from_torch(torch.from_numpy(arr), dev)
         arr = np.asarray(array)
         if arr.ndim == 3:
             arr = arr[None]
@@ -345,9 +361,17 @@ class MPSImage:
         """The NHWC tensor (zero-copy; unorm images give their real values in [0,1])."""
         return self.tensor
 
-    def to_numpy(self) -> np.ndarray:
-        """A float32 NHWC copy on the host (synchronises with the device)."""
+    def to_numpy(self, copy: bool = True) -> np.ndarray:
+        """A float32 NHWC copy on the host (synchronises with the device).
+
+        ``copy=False`` returns a view of the image's storage instead, possible for float32
+        images on the CPU (else :class:`~mpsnn.MPSError`)."""
         self._check_host_access("to_numpy")
+        if not copy:
+            if self.device.is_cuda or self.dtype != torch.float32 or self.feature_channel_format != MPSImageFeatureChannelFormat.float32:
+                raise value_error(type(self).__name__, "copy", False, "be used only for float32 images on the CPU",
+                                  f"a {self.feature_channel_format.name} image on {self.device}")
+            return self.tensor.detach().numpy()
         self._host_sync()
         # copy=True: on the CPU .float().cpu() would alias the image's own storage
         return self.tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
@@ -685,11 +709,13 @@ def MPSImageBatchIncrementReadCount(batch: Sequence[MPSImage], amount: int) -> i
 
 
 def MPSImageBatchSynchronize(batch: Sequence[MPSImage], command_buffer: MTLCommandBuffer) -> None:
+    """Call ``synchronize_on_command_buffer`` once per unique image."""
     for _, img in _unique_images(batch):
         img.synchronize_on_command_buffer(command_buffer)
 
 
 def MPSImageBatchResourceSize(batch: Sequence[MPSImage]) -> int:
+    """Sum of ``resource_size()`` over the unique images of ``batch``."""
     return sum(img.resource_size() for _, img in _unique_images(batch))
 
 

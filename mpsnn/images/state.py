@@ -372,9 +372,11 @@ def MPSStateBatchIncrementReadCount(batch: Sequence[MPSState] | None, amount: in
 
 
 def MPSStateBatchSynchronize(batch: Sequence[MPSState], command_buffer: MTLCommandBuffer) -> None:
+    """Call ``synchronize_on_command_buffer`` once per unique state."""
     for s in _unique(batch):
         s.synchronize_on_command_buffer(command_buffer)
 
 
 def MPSStateBatchResourceSize(batch: Sequence[MPSState] | None) -> int:
+    """Sum of ``resource_size()`` over the unique states of ``batch`` (0 for None)."""
     return sum(s.resource_size() for s in _unique(batch))

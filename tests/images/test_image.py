@@ -724,3 +724,32 @@ def test_batch_iterate():
 
 def test_batch_aliases_are_lists():
     assert mpsnn.MPSImageBatch is list and mpsnn.MPSStateBatch is list
+
+
+def test_numpy_zero_copy_on_cpu():
+    arr = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    img = MPSImage.from_numpy(arr, "cpu", copy=False)
+    arr[1, 2, 3, 4] = -5.0
+    assert img.to_torch()[1, 2, 3, 4].item() == -5.0, "from_numpy(copy=False) must alias the array"
+    view = img.to_numpy(copy=False)
+    view[0, 0, 0, 0] = 42.0
+    assert arr[0, 0, 0, 0] == 42.0, "to_numpy(copy=False) must alias the storage"
+    copied = img.to_numpy()
+    copied[0, 0, 0, 1] = 99.0
+    assert arr[0, 0, 0, 1] == 1.0, "to_numpy() must copy"
+
+
+@pytest.mark.parametrize("bad", ["float64", "strided", "unorm8"])
+def test_numpy_zero_copy_refused_when_impossible(bad):
+    arr = np.zeros((1, 2, 3, 4), np.float64 if bad == "float64" else np.float32)
+    if bad == "strided":
+        arr = arr[:, :, ::2, :]
+    fmt = F.unorm8 if bad == "unorm8" else F.float32
+    with pytest.raises(mpsnn.MPSError, match=r"MPSImage: `copy`"):
+        MPSImage.from_numpy(arr, "cpu", feature_channel_format=fmt, copy=False)
+
+
+def test_to_numpy_view_refused_for_half_images(device):
+    img = MPSImage.from_numpy(np.zeros((1, 2, 2, 3), np.float32), device, feature_channel_format=F.float16)
+    with pytest.raises(mpsnn.MPSError, match=r"`copy`"):
+        img.to_numpy(copy=False)

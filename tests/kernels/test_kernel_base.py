@@ -643,3 +643,16 @@ def test_error_batch_addressing(device, cb) -> None:
     k.clip_rect = region((0, 0, 0), (2, 2, 2))      # only one source image left after offset.z
     with pytest.raises(mpsnn.MPSError, match=r"MPSCNNNeuron.*clip_rect"):
         k.encode(cb, x_img, dst)
+
+
+def test_gradient_without_state_uses_kernel_properties(device, cb) -> None:
+    """gradient_state=None: the gradient kernel's own offsets and channel windows apply."""
+    x_img, x = image(random(21, (1, 3, 4, 8)), device)
+    dy_img, dy = image(random(22, (1, 3, 4, 4)), device)
+    g = TANH.gradient(device)
+    g.secondary_source_feature_channel_offset = 4
+    dx, before = poisoned((1, 3, 4, 4), device)
+    g.encode(cb, dy_img, x_img, None, dx)
+    finish(cb)
+    expected = dy * ref.neuron_derivative(x[..., 4:], T.tanH, TANH.a, TANH.b, 0.0)
+    assert_close(values(dx), expected, torch.float32)
