@@ -6,6 +6,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .core import padding as padding  # the result-size rules as pure functions (dest_size, padding_offset, ...)
+from .core.binary_kernel import MPSCNNBinaryKernel, MPSCNNGradientKernel
 from .core.device import Device, MTLCommandBuffer, MTLCommandQueue, MTLCreateSystemDefaultDevice, default_device
 from .core.enums import (
     MPSCNNNeuronType,
@@ -20,7 +22,7 @@ from .core.enums import (
     MTLCommandBufferStatus,
 )
 from .core.errors import MPSDeviceError, MPSError, MPSStateError, MPSTypeError, MPSValueError
-from .core.kernel import MPSCNNBinaryKernel, MPSCNNGradientKernel, MPSCNNKernel, MPSKernel
+from .core.kernel import MPSCNNKernel, MPSKernel
 from .core.padding import MPSNNDefaultPadding, MPSNNPadding
 from .core.structs import (
     MPSImageCoordinate,
@@ -81,8 +83,6 @@ from .kernels.neuron import (
     MPSCNNNeuronTanH,
     MPSNNNeuronDescriptor,
 )
-
-from .core import padding as padding  # the result-size rules as pure functions (dest_size, padding_offset, ...)
 
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list

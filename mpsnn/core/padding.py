@@ -13,7 +13,8 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .enums import MPSImageEdgeMode, MPSNNPaddingMethod as PM
+from .enums import MPSImageEdgeMode
+from .enums import MPSNNPaddingMethod as PM
 from .errors import MPSTypeError, value_error
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -333,7 +333,7 @@ class MPSNNGradientState(MPSState, MPSImageSizeEncodingState):
         return self.geometry.source_height
 
     def destination_image_descriptor_for_source_images(self, source_images, source_states, kernel, suggested_descriptor):  # type: ignore[override]
-        from ..core.kernel import MPSCNNGradientKernel
+        from ..core.binary_kernel import MPSCNNGradientKernel
 
         if not isinstance(kernel, MPSCNNGradientKernel):
             return suggested_descriptor

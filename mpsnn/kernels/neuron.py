@@ -48,10 +48,11 @@ import torch
 
 from ..backends import dispatch
 from ..backends.torch_eager import NeuronParams
+from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
 from ..core.enums import MPSCNNNeuronType
 from ..core.errors import MPSTypeError, value_error
-from ..core.kernel import InputGeometry, MPSCNNGradientKernel, MPSCNNKernel, Region
+from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..images import formats as fm
 from ..images.image import MPSImage
