@@ -28,7 +28,7 @@ from .kernel import (
     _positive_property,
     _typed_property,
 )
-from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method
+from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method, method_of
 from .structs import MPSOffset, MPSRectNoClip
 
 
@@ -122,7 +122,7 @@ class MPSCNNBinaryKernel(MPSKernel):
         if len(source_images) != 2:
             raise value_error(self._name(), "source_images", f"{len(source_images)} images", "hold [primary, secondary]")
         prim, sec = source_images
-        method = int(self._padding.padding_method)
+        method = method_of(self._padding)
         r = apply_padding_method(method, prim.width, prim.height, self._primary_kernel[0], self._primary_kernel[1],
                                  self._p_stride[0], self._p_stride[1], self._primary_dilation[0], self._primary_dilation[1], self._is_backwards)
         if r.width < 1 or r.height < 1:

@@ -162,3 +162,8 @@ class MPSNNPaddingMethod(enum.IntFlag):
     custom = 0x4000
     sizeMask = 0x7F0
     excludeEdges = 0x8000
+
+    def __call__(self) -> "MPSNNPaddingMethod":
+        """A value is its own getter, so ``policy.padding_method`` and Swift's
+        ``policy.padding_method()`` both give the method."""
+        return self

@@ -30,7 +30,7 @@ from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .device import Device, MTLCommandBuffer, as_device
 from .enums import MPSImageEdgeMode, MPSKernelOptions, MPSNNPaddingMethod
 from .errors import MPSDeviceError, MPSStateError, MPSTypeError, MPSValueError, value_error
-from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method, as_padding
+from .padding import MPSNNDefaultPadding, MPSNNPadding, apply_padding_method, as_padding, method_of
 from .structs import MPSOffset, MPSRectNoClip, MTLRegion
 
 ULONG_MAX = (1 << 64) - 1
@@ -369,7 +369,7 @@ class MPSCNNKernel(MPSKernel):
         if not source_images:
             raise value_error(self._name(), "source_images", source_images, "hold at least one image")
         src = source_images[0]
-        method = int(self._padding.padding_method)
+        method = method_of(self._padding)
         r = apply_padding_method(method, src.width, src.height, self._kernel_width, self._kernel_height,
                                  self._stride_x, self._stride_y, self._dilation_x, self._dilation_y, self._is_backwards)
         if r.width < 1 or r.height < 1:

@@ -155,10 +155,22 @@ def describe_padding_method(method: int) -> str:
     return " | ".join(parts)
 
 
+def method_of(policy: "MPSNNPadding") -> int:
+    """The policy's padding method as an int, whether the policy spells ``padding_method`` as
+    a property or, like the Objective-C protocol, as a method."""
+    value = policy.padding_method
+    if callable(value) and not isinstance(value, int):
+        value = value()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MPSTypeError(f"{type(policy).__name__}: `padding_method` must give an MPSNNPaddingMethod, but gave {type(value).__name__}")
+    return int(value)
+
+
 class MPSNNPadding(abc.ABC):
     """Protocol ``MPSNNPadding``: a padding policy.
 
-    Subclasses implement :attr:`padding_method`; a policy with the ``custom`` bit also
+    Subclasses implement :attr:`padding_method` (a property, or a method as in Swift's
+    ``paddingMethod()``: both are read); a policy with the ``custom`` bit also
     implements :meth:`destination_image_descriptor_for_source_images`, which is called last
     in the destination-size pipeline and may edit the descriptor and the kernel (it must
     leave ``kernel.offset`` correct).
@@ -166,11 +178,12 @@ class MPSNNPadding(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def padding_method(self) -> PM: ...
+    def padding_method(self) -> PM:
+        """The policy's :class:`MPSNNPaddingMethod`."""
 
     @property
     def label(self) -> str:
-        return describe_padding_method(self.padding_method)
+        return describe_padding_method(method_of(self))
 
     def destination_image_descriptor_for_source_images(
         self,

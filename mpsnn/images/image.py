@@ -391,9 +391,10 @@ class MPSImage:
         child._init_common(self.device, desc, parent=self, view=(n0, n1, c0, c1))
         return child
 
-    def batch_representation(self) -> list["MPSImage"]:
-        """One single-image MPSImage per image, aliasing this image's storage."""
-        return self.batch_representation_with_sub_range((0, self.number_of_images))
+    def batch_representation(self, sub_range: Any = None) -> list["MPSImage"]:
+        """One single-image MPSImage per image (or per image of ``sub_range``), aliasing this
+        image's storage."""
+        return self.batch_representation_with_sub_range((0, self.number_of_images) if sub_range is None else sub_range)
 
     def batch_representation_with_sub_range(self, sub_range: Any) -> list["MPSImage"]:
         loc, length = _as_range(type(self).__name__, "sub_range", sub_range)
@@ -411,6 +412,9 @@ class MPSImage:
             raise value_error(type(self).__name__, "feature_channel_range.location", loc, f"be < feature_channels={self.feature_channels}")
         end = min(loc + length, self.feature_channels)
         return self._make_view(0, self.number_of_images, loc, end)
+
+    #: Swift's ``subImage(withFeatureChannelRange:)``
+    sub_image = sub_image_with_feature_channel_range
 
     # -- byte I/O ---------------------------------------------------------------------------
     def _check_host_access(self, what: str) -> None:
