@@ -87,8 +87,8 @@ def _round_to(fmt: F) -> Callable[[np.ndarray], np.ndarray]:
 
     def bf16(v: np.ndarray) -> np.ndarray:  # bfloat16: the upper 16 bits of a float32
         bits = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return np.asarray(rounded, np.uint64).astype(np.uint32).view(np.float32).astype(np.float64)
     return bf16
 
 
@@ -149,6 +149,13 @@ class Chain:
     pool_after_completion: int = 0
 
 
+def _gradient_state(state: MPSState | None) -> MPSState:
+    """Neurons always make a gradient state; narrow the optional type of the generic API."""
+    if state is None:
+        raise MPSError("demo: a neuron kernel returned no gradient state")
+    return state
+
+
 def _describe(name: str, obj: MPSImage | MPSState) -> str:
     if isinstance(obj, MPSImage):
         return f"{name}{'*' if obj.is_temporary else ''}[{_fmt(obj)}]"
@@ -156,7 +163,7 @@ def _describe(name: str, obj: MPSImage | MPSState) -> str:
 
 
 def _count(name: str, obj: MPSImage | MPSState) -> str:
-    rc = obj.read_count
+    rc = obj.read_count if isinstance(obj, (MPSTemporaryImage, MPSState)) else 0
     return f"{name}={rc}{' (freed)' if rc == 0 and isinstance(obj, MPSImage) else ''}"
 
 
@@ -190,20 +197,20 @@ def run_chain(device: Device, x: MPSImage, dy: MPSImage, fmt: F, activation: str
     # forward: normalise -> ReLU -> activation, each with its gradient state
     xn = MPSTemporaryImage(cb, desc)
     xn.read_count = 2  # read by the ReLU and by the ReLU gradient
-    s_lin = linear.temporary_result_state(cb, x, destination_image=xn)
+    s_lin = _gradient_state(linear.temporary_result_state(cb, x, destination_image=xn))
     p = cb.pooled_storage_count()
     linear.encode(cb, x, xn, destination_state=s_lin)
     log(f"MPSCNNNeuronLinear a={linear.a:.5g} b={linear.b:.5g}", [("x", x)], [("xn", xn), ("s_lin", s_lin)], p, xn)
 
     r = MPSTemporaryImage(cb, desc)
     r.read_count = 2  # read by the activation and by its gradient
-    s_relu = relu.temporary_result_state(cb, xn, destination_image=r)
+    s_relu = _gradient_state(relu.temporary_result_state(cb, xn, destination_image=r))
     p = cb.pooled_storage_count()
     relu.encode(cb, xn, r, destination_state=s_relu)
     log(f"MPSCNNNeuronReLU a={relu.a:g}", [("xn", xn)], [("r", r), ("s_relu", s_relu)], p, r)
 
     y = MPSImage(device, desc)
-    s_act = act.temporary_result_state(cb, r, destination_image=y)
+    s_act = _gradient_state(act.temporary_result_state(cb, r, destination_image=y))
     p = cb.pooled_storage_count()
     act.encode(cb, r, y, destination_state=s_act)
     log(f"MPSCNNNeuron ({act_type.name})", [("r", r)], [("y", y), ("s_act", s_act)], p, y)

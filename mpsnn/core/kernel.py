@@ -205,7 +205,7 @@ class MPSKernel:
                 raise MPSStateError(f"{self._name()}: `{name}` {image._name()} is a temporary image of another command buffer")
         return image
 
-    def _check_state(self, name: str, state: Any, command_buffer: MTLCommandBuffer, cls: type = MPSState) -> Any:
+    def _check_state(self, name: str, state: Any, command_buffer: MTLCommandBuffer, cls: type[MPSState] = MPSState) -> Any:
         if not isinstance(state, cls):
             raise MPSTypeError(f"{self._name()}: `{name}` must be an {cls.__name__}, but got {type(state).__name__}")
         if state.device != self.device:

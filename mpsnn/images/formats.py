@@ -62,7 +62,7 @@ STORAGE_DTYPE = {
 
 #: Element type of the host buffers of read_bytes / write_bytes. bfloat16 has no NumPy
 #: type: its host buffers are float32 (documented extension).
-HOST_DTYPE = {
+HOST_DTYPE: dict[F, np.dtype] = {
     F.float32: np.dtype(np.float32),
     F.float16: np.dtype(np.float16),
     F.bfloat16: np.dtype(np.float32),

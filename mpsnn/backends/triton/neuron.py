@@ -84,10 +84,10 @@ except ImportError:  # pragma: no cover - depends on the installation
 _libdevice: Any = None
 if triton is not None:
     try:
-        from triton.language.extra import libdevice as _libdevice  # Triton >= 3.0 (dispatching module)
+        from triton.language.extra import libdevice as _libdevice  # type: ignore[no-redef]  # Triton >= 3.0 (dispatching module)
     except ImportError:  # pragma: no cover
         try:
-            from triton.language.extra.cuda import libdevice as _libdevice
+            from triton.language.extra.cuda import libdevice as _libdevice  # type: ignore[no-redef]
         except ImportError:
             _libdevice = None
 
