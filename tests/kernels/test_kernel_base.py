@@ -31,31 +31,13 @@ from mpsnn import (
     MTLSize,
 )
 from mpsnn.testing import reference as ref
+from mpsnn.testing.images import finish, image, poisoned, values
 from mpsnn.testing.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
 POISON = 1234.0
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def finish(cb: mpsnn.MTLCommandBuffer) -> None:
-    cb.commit()
-    cb.wait_until_completed()
-
-
-def image(values: np.ndarray, device: mpsnn.Device, dtype: torch.dtype = torch.float32) -> tuple[MPSImage, np.ndarray]:
-    t = torch.from_numpy(np.asarray(values, np.float64)).to(device.torch_device, dtype)
-    return MPSImage.from_torch(t), t.double().cpu().numpy()
-
-
-def poisoned(shape: tuple[int, ...], device: mpsnn.Device, value: float = float("nan"), dtype: torch.dtype = torch.float32) -> tuple[MPSImage, np.ndarray]:
-    t = torch.full(shape, value, dtype=dtype, device=device.torch_device)
-    return MPSImage.from_torch(t), t.double().cpu().numpy()
-
-
-def values(img: MPSImage) -> np.ndarray:
-    return img.to_torch().detach().double().cpu().numpy()
 
 
 def region(origin: tuple[int, int, int], size: tuple[int, int, int]) -> MTLRegion:

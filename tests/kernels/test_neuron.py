@@ -25,6 +25,7 @@ import mpsnn
 from mpsnn import MPSCNNNeuronType as T
 from mpsnn import MPSImage, MPSNNNeuronDescriptor
 from mpsnn.testing import reference as ref
+from mpsnn.testing.images import finish, image, poisoned, values
 from mpsnn.testing.tolerances import Tol, assert_close
 
 STORAGE_DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -127,28 +128,9 @@ def test_every_neuron_type_has_a_case() -> None:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def finish(cb: mpsnn.MTLCommandBuffer) -> None:
-    cb.commit()
-    cb.wait_until_completed()
-
-
-def image(values: np.ndarray, dtype: torch.dtype, device: mpsnn.Device) -> tuple[MPSImage, np.ndarray]:
-    """An image holding ``values`` rounded to ``dtype``, and those rounded values in float64."""
-    t = torch.from_numpy(np.asarray(values, np.float64)).to(device.torch_device, dtype)
-    return MPSImage.from_torch(t), t.double().cpu().numpy()
-
-
-def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: mpsnn.Device, value: float = float("nan")) -> MPSImage:
-    return MPSImage.from_torch(torch.full(shape, value, dtype=dtype, device=device.torch_device))
-
-
-def values(img: MPSImage) -> np.ndarray:
-    return img.to_torch().detach().double().cpu().numpy()
-
-
 def run_forward(device, cb, case: NeuronCase, x_img: MPSImage, dtype: torch.dtype):
     kernel = mpsnn.MPSCNNNeuron(device, neuron_descriptor=case.descriptor(x_img.feature_channels))
-    dst = poisoned(x_img.shape, dtype, device)
+    dst = poisoned(x_img.shape, device, dtype=dtype)[0]
     state = kernel.result_state(x_img, destination_image=dst)
     kernel.encode(cb, x_img, dst, destination_state=state)
     return dst, state
@@ -156,7 +138,7 @@ def run_forward(device, cb, case: NeuronCase, x_img: MPSImage, dtype: torch.dtyp
 
 def run_gradient(device, cb, case: NeuronCase, x_img: MPSImage, dy_img: MPSImage, state, dtype: torch.dtype) -> MPSImage:
     grad = mpsnn.MPSCNNNeuronGradient(device, neuron_descriptor=case.descriptor(x_img.feature_channels))
-    dx = poisoned(x_img.shape, dtype, device)
+    dx = poisoned(x_img.shape, device, dtype=dtype)[0]
     grad.encode(cb, dy_img, x_img, state, dx)
     return dx
 
@@ -168,7 +150,7 @@ def run_gradient(device, cb, case: NeuronCase, x_img: MPSImage, dy_img: MPSImage
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_forward_matches_reference(device, cb, case: NeuronCase, dtype) -> None:
     rng = np.random.default_rng(case.seed)
-    x_img, x = image(case.sample(rng, SHAPE), dtype, device)
+    x_img, x = image(case.sample(rng, SHAPE), device, dtype)
     dst, _ = run_forward(device, cb, case, x_img, dtype)
     finish(cb)
     assert_close(values(dst), case.ref_forward(x), dtype, case.tol, msg=f"{case.id} forward")
@@ -209,7 +191,7 @@ def test_legacy_subclass_forward(device, cb, cls, kwargs, params) -> None:
     assert (kernel.a, kernel.b, kernel.c) == (_f32(a), _f32(b), _f32(c))
     x = np.random.default_rng(7).uniform(-3.0, 3.0, (1, 3, 4, 5)).astype(np.float32)
     x_img = MPSImage.from_numpy(x, device=device)          # the copying constructor
-    dst = poisoned(x_img.shape, torch.float32, device)
+    dst = poisoned(x_img.shape, device, dtype=torch.float32)[0]
     kernel.encode(cb, x_img, dst)
     finish(cb)
     assert_close(values(dst), ref.neuron_forward(x, t, a, b, c), torch.float32, msg=cls.__name__)
@@ -238,14 +220,14 @@ def test_descriptor_factory_fills_no_defaults() -> None:
 def test_prelu_per_channel_slopes(device, cb, how) -> None:
     rng = np.random.default_rng(11)
     slopes = np.array([0.5, -1.0, 0.0, 2.0, 0.25], np.float32)
-    x_img, x = image(rng.uniform(-2.0, 2.0, (2, 3, 3, 5)), torch.float32, device)
+    x_img, x = image(rng.uniform(-2.0, 2.0, (2, 3, 3, 5)), device, torch.float32)
     if how == "legacy":
         kernel = mpsnn.MPSCNNNeuronPReLU(device, a=slopes)
     else:
         kernel = mpsnn.MPSCNNNeuron(device, neuron_descriptor=MPSNNNeuronDescriptor.cnn_neuron_prelu_descriptor(slopes.tobytes()))
     assert kernel.neuron_type == T.pReLU
     assert np.array_equal(np.frombuffer(kernel.data, np.float32), slopes)
-    dst = poisoned(x_img.shape, torch.float32, device)
+    dst = poisoned(x_img.shape, device, dtype=torch.float32)[0]
     kernel.encode(cb, x_img, dst)
     finish(cb)
     expected = np.where(x >= 0, x, slopes.astype(np.float64) * x)
@@ -255,8 +237,8 @@ def test_prelu_per_channel_slopes(device, cb, how) -> None:
 
 def test_prelu_extra_slopes_are_ignored(device, cb) -> None:
     slopes = np.arange(1, 9, dtype=np.float32) / 8      # 8 slopes, 3 channels
-    x_img, x = image(-np.ones((1, 2, 2, 3)), torch.float32, device)
-    dst = poisoned(x_img.shape, torch.float32, device)
+    x_img, x = image(-np.ones((1, 2, 2, 3)), device, torch.float32)
+    dst = poisoned(x_img.shape, device, dtype=torch.float32)[0]
     mpsnn.MPSCNNNeuronPReLU(device, a=slopes).encode(cb, x_img, dst)
     finish(cb)
     assert np.array_equal(values(dst), -np.broadcast_to(slopes[:3].astype(np.float64), x.shape))
@@ -267,7 +249,7 @@ def test_prelu_extra_slopes_are_ignored(device, cb) -> None:
 
 def test_unorm8_destination_clamps_and_rounds(device, cb) -> None:
     rng = np.random.default_rng(5)
-    x_img, x = image(rng.uniform(-1.0, 1.0, (2, 3, 5, 3)), torch.float32, device)
+    x_img, x = image(rng.uniform(-1.0, 1.0, (2, 3, 5, 3)), device, torch.float32)
     kernel = mpsnn.MPSCNNNeuronLinear(device, a=1.5, b=0.2)   # values in [-1.3, 1.7]: both clamps active
     desc = mpsnn.MPSImageDescriptor(channel_format=mpsnn.MPSImageFeatureChannelFormat.unorm8,
                                     width=5, height=3, feature_channels=3, number_of_images=2)
@@ -292,8 +274,8 @@ def test_unorm8_destination_clamps_and_rounds(device, cb) -> None:
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_gradient_matches_reference(device, cb, case: NeuronCase, dtype) -> None:
     rng = np.random.default_rng(case.seed + 2)
-    x_img, x = image(case.sample(rng, GRAD_SHAPE), dtype, device)
-    dy_img, dy = image(rng.normal(size=GRAD_SHAPE), dtype, device)
+    x_img, x = image(case.sample(rng, GRAD_SHAPE), device, dtype)
+    dy_img, dy = image(rng.normal(size=GRAD_SHAPE), device, dtype)
     _, state = run_forward(device, cb, case, x_img, dtype)
     dx = run_gradient(device, cb, case, x_img, dy_img, state, dtype)
     finish(cb)
@@ -303,8 +285,8 @@ def test_gradient_matches_reference(device, cb, case: NeuronCase, dtype) -> None
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_gradient_matches_autograd(device, cb, case: NeuronCase) -> None:
     rng = np.random.default_rng(case.seed + 3)
-    x_img, x = image(case.sample(rng, GRAD_SHAPE, avoid_kinks=True), torch.float32, device)
-    dy_img, dy = image(rng.normal(size=GRAD_SHAPE), torch.float32, device)
+    x_img, x = image(case.sample(rng, GRAD_SHAPE, avoid_kinks=True), device, torch.float32)
+    dy_img, dy = image(rng.normal(size=GRAD_SHAPE), device, torch.float32)
     _, state = run_forward(device, cb, case, x_img, torch.float32)
     dx = run_gradient(device, cb, case, x_img, dy_img, state, torch.float32)
     finish(cb)
@@ -359,14 +341,14 @@ def _kink_descriptor(t: T, params, channels: int) -> MPSNNNeuronDescriptor:
 @pytest.mark.parametrize("t,params,x0,fx,dfx", KINKS)
 def test_exact_values_at_kinks(device, cb, t, params, x0, fx, dfx) -> None:
     shape = (1, 1, 2, 3)
-    x_img, x = image(np.full(shape, x0), torch.float32, device)
-    dy_img, _ = image(np.full(shape, DY_EXACT), torch.float32, device)
+    x_img, x = image(np.full(shape, x0), device, torch.float32)
+    dy_img, _ = image(np.full(shape, DY_EXACT), device, torch.float32)
     desc = _kink_descriptor(t, params, 3)
     fwd = mpsnn.MPSCNNNeuron(device, neuron_descriptor=desc)
-    y = poisoned(shape, torch.float32, device)
+    y = poisoned(shape, device, dtype=torch.float32)[0]
     state = fwd.result_state(x_img)
     fwd.encode(cb, x_img, y, destination_state=state)
-    dx = poisoned(shape, torch.float32, device)
+    dx = poisoned(shape, device, dtype=torch.float32)[0]
     mpsnn.MPSCNNNeuronGradient(device, neuron_descriptor=desc).encode(cb, dy_img, x_img, state, dx)
     finish(cb)
     assert np.array_equal(values(y), np.full(shape, fx)), f"f({x0})"
@@ -380,11 +362,11 @@ def test_exact_values_at_kinks(device, cb, t, params, x0, fx, dfx) -> None:
 
 def test_ieee_semantics_power_and_logarithm(device, cb) -> None:
     """(a*x+b)^c of a negative base with a non-integer exponent is NaN; log(0) is -inf."""
-    x_img, x = image(np.array([-1.0, 0.0, 1.0, 4.0]).reshape(1, 1, 4, 1), torch.float32, device)
+    x_img, x = image(np.array([-1.0, 0.0, 1.0, 4.0]).reshape(1, 1, 4, 1), device, torch.float32)
     outs = []
     for t, (a, b, c) in ((T.power, (1.0, 0.0, 0.5)), (T.logarithm, (1.0, 0.0, -1.0))):
         k = mpsnn.MPSCNNNeuron(device, neuron_descriptor=MPSNNNeuronDescriptor.cnn_neuron_descriptor(t, a, b, c))
-        d = poisoned(x_img.shape, torch.float32, device, 1234.0)
+        d = poisoned(x_img.shape, device, 1234.0, dtype=torch.float32)[0]
         k.encode(cb, x_img, d)
         outs.append((d, ref.neuron_forward(x, t, a, b, c)))
     finish(cb)
