@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSNNGradientState, MPSState
 from .device import Device, MTLCommandBuffer
-from .enums import MPSImageEdgeMode, MPSNNPaddingMethod
+from .enums import MPSImageEdgeMode
 from .errors import MPSValueError, value_error
 from .kernel import (
     _DEFAULT_PADDING,
@@ -132,15 +132,7 @@ class MPSCNNBinaryKernel(MPSKernel):
                                             self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
         desc = MPSImageDescriptor(channel_format=prim.feature_channel_format, width=r.width, height=r.height,
                                   feature_channels=nout, number_of_images=prim.number_of_images)
-        desc = self._customize_descriptor(desc, source_images, source_states)
-        for st in source_states or []:
-            desc = st.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
-        if method & int(MPSNNPaddingMethod.custom):
-            desc = self._padding.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
-        return desc
-
-    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
-        return desc
+        return self._finish_descriptor(desc, method, source_images, source_states)
 
     def _input_geometry(self, which: str, image: MPSImage, region_x0: int, region_y0: int, channels: int) -> InputGeometry:
         if which == "primary":

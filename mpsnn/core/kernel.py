@@ -213,6 +213,20 @@ class MPSKernel:
         state.check_usable(self._name(), command_buffer)
         return state
 
+    def _finish_descriptor(self, desc: MPSImageDescriptor, method: int, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
+        """Steps 2-4 of the destination-descriptor pipeline (kernel-base.md §2.9): the
+        subclass hook, each source state's hook, then a custom padding policy's hook."""
+        desc = self._customize_descriptor(desc, source_images, source_states)
+        for st in source_states or []:
+            desc = st.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
+        if method & int(MPSNNPaddingMethod.custom):
+            desc = self._padding.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)  # type: ignore[attr-defined]
+        return desc
+
+    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
+        """Subclass hook (step 2 of the pipeline); the default keeps the descriptor."""
+        return desc
+
     def _check_no_alias(self, dest: MPSImage, *sources: MPSImage) -> None:
         root = _root(dest)
         for s in sources:
@@ -380,18 +394,10 @@ class MPSCNNKernel(MPSKernel):
         desc = MPSImageDescriptor(channel_format=src.feature_channel_format, width=r.width, height=r.height,
                                   feature_channels=self.output_feature_channels(self.source_channels_used(src)),
                                   number_of_images=src.number_of_images)
-        desc = self._customize_descriptor(desc, source_images, source_states)
-        for st in source_states or []:
-            desc = st.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
-        if method & int(MPSNNPaddingMethod.custom):
-            desc = self._padding.destination_image_descriptor_for_source_images(source_images, source_states, self, desc)
-        return desc
+        return self._finish_descriptor(desc, method, source_images, source_states)
 
     def _apply_padding_offsets(self, r: Any) -> None:
         self._offset = MPSOffset(r.offset_x, r.offset_y, self._offset.z)
-
-    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
-        return desc
 
     # -- result states ----------------------------------------------------------------------------------
     def _geometry(self, source: MPSImage, dest: MPSImage | None) -> ForwardGeometry:
