@@ -338,6 +338,8 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         self.kernel_offset_x = 0
         self.kernel_offset_y = 0
         self._forward: ForwardGeometry | None = None
+        #: the gradient state of the encode in progress (set by the descriptor pipeline)
+        self._gradient_state: MPSNNGradientState | None = None
 
     def apply_forward_geometry(self, g: ForwardGeometry) -> None:
         """Take the forward kernel's geometry from its gradient state (unit-stride, windowless
@@ -379,6 +381,7 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         # checks depend on the channel windows the gradient state carries.
         for st in source_states or []:
             if isinstance(st, MPSNNGradientState):
+                self._gradient_state = st
                 self.apply_forward_geometry(st.geometry)
                 self._check_forward_batch(st.geometry, source_images)
         return super().destination_image_descriptor(source_images, source_states)
@@ -405,7 +408,7 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         destination_gradient: MPSImage | None = None,
     ) -> MPSImage | None:
         """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
-        self._forward = None
+        self._forward, self._gradient_state = None, None
         states = [gradient_state] if gradient_state is not None else None
         return self._encode_binary(command_buffer, source_gradient, source_image, destination_gradient, states, None, None)
 
@@ -417,6 +420,6 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         gradient_states: Sequence[MPSState] | None,
         destination_gradients: Sequence[MPSImage] | None = None,
     ) -> list[MPSImage] | None:
-        self._forward = None
+        self._forward, self._gradient_state = None, None
         states = list(gradient_states) if gradient_states is not None else None
         return self._encode_binary_batch(command_buffer, source_gradients, source_images, destination_gradients, states, None, None)

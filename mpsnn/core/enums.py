@@ -167,3 +167,64 @@ class MPSNNPaddingMethod(enum.IntFlag):
         """A value is its own getter, so ``policy.padding_method`` and Swift's
         ``policy.padding_method()`` both give the method."""
         return self
+
+
+class MPSNNConvolutionAccumulatorPrecisionOption(enum.IntFlag):
+    """Accumulator precision of convolutions (convolution.md §8). mpsnn maps ``float`` to
+    IEEE float32 accumulation (TF32 off for float32 images on CUDA) and ``half`` to "reduced
+    precision allowed" (TF32 on for float32 images on CUDA; float16/bfloat16 images always
+    accumulate in float32 through cuDNN)."""
+
+    half = 0
+    float = 1
+
+
+class MPSCNNConvolutionGradientOption(enum.IntFlag):
+    """What ``MPSCNNConvolutionGradient`` computes (convolution.md §11.1)."""
+
+    gradientWithData = 1
+    gradientWithWeightsAndBias = 2
+    all = 3
+
+
+class MPSCNNWeightsQuantizationType(enum.IntEnum):
+    """Dequantisation of UInt8 convolution weights (convolution.md §5.2)."""
+
+    none = 0
+    linear = 1
+    lookupTable = 2
+
+
+class MPSCNNConvolutionWeightsLayout(enum.IntEnum):
+    """Weight layouts a data source can declare; only ``[O][H][W][I]`` exists."""
+
+    OHWI = 0
+
+
+class MPSCNNConvolutionFlags(enum.IntEnum):
+    """Flags of the deprecated float-array initialisers (unused)."""
+
+    none = 0
+
+
+class MPSCNNBinaryConvolutionType(enum.IntEnum):
+    """Binary convolution products (convolution.md §15.1)."""
+
+    binaryWeights = 0
+    XNOR = 1
+    AND = 2
+
+
+class MPSCNNBinaryConvolutionFlags(enum.IntFlag):
+    """``useBetaScaling`` enables the per-pixel XNOR-Net factor β (convolution.md §15.2)."""
+
+    none = 0
+    useBetaScaling = 1
+
+
+class MPSNNTrainingStyle(enum.IntEnum):
+    """Where a graph runs a trainable node's weight update (convolution.md §6)."""
+
+    updateDeviceNone = 0
+    updateDeviceCPU = 1
+    updateDeviceGPU = 2

@@ -1,0 +1,257 @@
+"""Convolution numerics on NHWC tensors through torch (cuDNN / oneDNN): forward, the backward
+pass (data, weights, bias), transposed convolution and the fully-connected matrix products.
+
+Layout: images are NHWC; ``x.permute(0, 3, 1, 2)`` is the NCHW view with channels-last strides
+that cuDNN consumes without a copy, and OHWI weights ``w.permute(0, 3, 1, 2)`` are OIHW
+channels-last, again without a copy. Results come back NHWC.
+
+Padding: MPS places windows by an offset (kernel-base.md §2.2) that may ask for unequal
+padding on the two sides of an axis. :func:`plan_axis` maps that onto torch's symmetric
+padding when it can (equal sides, or the larger side with the extra outputs skipped when the
+difference is a multiple of the stride), and falls back to an explicit zero pad otherwise.
+Edge mode clamp gathers the window span with clamped indices first.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..core.enums import MPSImageEdgeMode
+from ..core.regions import read_window
+
+
+@contextmanager
+def tf32(allowed: bool, x: torch.Tensor) -> Iterator[None]:
+    """Allow or forbid TF32 in cuDNN/cuBLAS for float32 work on CUDA (restored afterwards)."""
+    if not (x.is_cuda and x.dtype == torch.float32):
+        yield
+        return
+    cd, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cd
+        torch.backends.cuda.matmul.allow_tf32 = mm
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one spatial axis of a window span maps onto a torch convolution.
+
+    The span (first tap ``start``, ``count`` outputs, ``stride``, dilated window ``win``) reads
+    source positions ``[start, end)``. ``lo:hi`` is the in-image slice handed to torch,
+    ``pad`` torch's symmetric padding, ``skip`` how many leading torch outputs to drop, and
+    ``explicit`` (left, right) a zero pad to apply first when symmetric padding cannot work.
+    """
+
+    lo: int
+    hi: int
+    pad: int
+    skip: int
+    explicit: tuple[int, int]
+
+
+def plan_axis(start: int, count: int, stride: int, win: int, size: int) -> AxisPlan:
+    end = start + (count - 1) * stride + win
+    lo, hi = min(max(start, 0), size), max(min(end, size), 0)
+    if hi <= lo:  # every tap is off the image
+        return AxisPlan(0, 0, 0, 0, (end - start, 0))
+    pl, pr = lo - start, end - hi
+    if pl == pr:
+        return AxisPlan(lo, hi, pl, 0, (0, 0))
+    p = max(pl, pr)
+    if (p - pl) % stride == 0:
+        return AxisPlan(lo, hi, p, (p - pl) // stride, (0, 0))
+    return AxisPlan(lo, hi, 0, 0, (pl, pr))
+
+
+def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int, sy: int, winx: int, winy: int,
+          edge_mode: MPSImageEdgeMode) -> tuple[torch.Tensor, AxisPlan, AxisPlan, bool]:
+    """The NCHW (channels-last) input torch convolves, its plans, and whether it is a gathered copy."""
+    n, h, w, c = x.shape
+    px = plan_axis(left, out_w, sx, winx, w)
+    py = plan_axis(top, out_h, sy, winy, h)
+    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * sx + winx and py.hi - py.lo == (out_h - 1) * sy + winy
+    if edge_mode == MPSImageEdgeMode.clamp and not inside:
+        span = read_window(x, left, top, (out_w - 1) * sx + winx, (out_h - 1) * sy + winy, edge_mode)
+        return span.permute(0, 3, 1, 2), AxisPlan(0, 0, 0, 0, (0, 0)), AxisPlan(0, 0, 0, 0, (0, 0)), True
+    xs = x[:, py.lo:py.hi, px.lo:px.hi, :].permute(0, 3, 1, 2)
+    if px.explicit != (0, 0) or py.explicit != (0, 0):
+        xs = F.pad(xs, (px.explicit[0], px.explicit[1], py.explicit[0], py.explicit[1]))
+    if not xs.is_contiguous(memory_format=torch.channels_last):
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    return xs, px, py, False
+
+
+def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, *, stride: tuple[int, int], dilation: tuple[int, int],
+                groups: int, left: int, top: int, out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool) -> torch.Tensor:
+    """Correlate NHWC ``x`` with OIHW weights for windows whose first taps are ``(left, top)``;
+    returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype."""
+    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
+    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    xs, px, py, _ = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
+    with tf32(allow_tf32, x):
+        y = F.conv2d(xs, w_oihw, bias, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)
+    y = y[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w]
+    return y.permute(0, 2, 3, 1)
+
+
+def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int],
+                         groups: int, left: int, top: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
+                         need_data: bool, need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`conv2d_nhwc` for the incoming gradient ``e`` ``[N, h, w, Cout]``.
+
+    Returns ``(dx, dw, db)``: ``dx`` has ``x``'s shape (taps that fell off the image are
+    dropped, also for edge mode clamp), ``dw`` is OIHW, ``db`` ``[Cout]``; parts not asked for
+    are None.
+    """
+    n, out_h, out_w, cout = e.shape
+    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
+    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    xs, px, py, gathered = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
+    full_h = (xs.shape[2] + 2 * py.pad - winy) // stride[1] + 1
+    full_w = (xs.shape[3] + 2 * px.pad - winx) // stride[0] + 1
+    en = e.permute(0, 3, 1, 2)
+    if (full_h, full_w) != (out_h, out_w) or py.skip or px.skip:
+        g = en.new_zeros((n, cout, full_h, full_w), memory_format=torch.channels_last)
+        g[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w] = en
+        en = g
+    elif not en.is_contiguous(memory_format=torch.channels_last):
+        en = en.contiguous(memory_format=torch.channels_last)
+    with tf32(allow_tf32, x):
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            en, xs, w_oihw, [cout] if need_bias else None, [stride[1], stride[0]], [py.pad, px.pad], [dilation[1], dilation[0]],
+            False, [0, 0], groups, [need_data, need_weights, need_bias])
+    dx = None
+    if need_data:
+        gi = gi.permute(0, 2, 3, 1)
+        h, w = x.shape[1], x.shape[2]
+        if gathered:
+            # the span started at (left, top); keep only the taps that were inside the image
+            x0, y0 = max(left, 0), max(top, 0)
+            x1, y1 = min(left + gi.shape[2], w), min(top + gi.shape[1], h)
+            inner = gi[:, y0 - top:y1 - top, x0 - left:x1 - left, :] if x1 > x0 and y1 > y0 else None
+            lo_x, lo_y = x0, y0
+        else:
+            ex, ey = px.explicit, py.explicit
+            inner = gi[:, ey[0]:gi.shape[1] - ey[1], ex[0]:gi.shape[2] - ex[1], :] if px.hi > px.lo and py.hi > py.lo else None
+            lo_x, lo_y = px.lo, py.lo
+        if inner is not None and inner.shape[1] == h and inner.shape[2] == w:
+            dx = inner
+        else:
+            dx = x.new_zeros(x.shape)
+            if inner is not None:
+                dx[:, lo_y:lo_y + inner.shape[1], lo_x:lo_x + inner.shape[2], :] = inner
+    return dx, gw if need_weights else None, gb if need_bias else None
+
+
+def depth_to_space_dcr(y: torch.Tensor, r: int, out_w: int, out_h: int) -> torch.Tensor:
+    """Sub-pixel rearrangement (convolution.md §4.3): ``D[x, y, c] = Io[x/r, y/r, Nr·(r·(y mod r) +
+    (x mod r)) + c]`` on NHWC ``y``, cropped to ``out_h x out_w``."""
+    n, h, w, c = y.shape
+    nr = c // (r * r)
+    z = y.reshape(n, h, w, r, r, nr).permute(0, 1, 3, 2, 4, 5).reshape(n, h * r, w * r, nr)
+    return z[:, :out_h, :out_w, :]
+
+
+def conv_transpose_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, *, stride: tuple[int, int], dilation: tuple[int, int],
+                        groups: int, tx: int, ty: int, out_w: int, out_h: int, allow_tf32: bool) -> torch.Tensor:
+    """Transposed convolution of convolution.md §12.2 on NHWC ``x``.
+
+    MPS correlates the zero-inserted source ``Z`` with the weights as given (no rotation).
+    torch's ``conv_transpose2d`` with padding 0 computes ``y_t(u) = Σ_p Z(u − (kWd−1) + p·d)·W[p]``
+    for weights rotated by 180° with in/out swapped, so output ``i`` of MPS is
+    ``y_t(i + t + (kWd − 1) − (kWd >> 1))`` with ``t`` the total offset on ``Z``; positions past
+    ``y_t`` read 0. ``w_oihw`` is MPS's ``[Cout][Cin/g][kH][kW]``.
+    """
+    kh, kw = w_oihw.shape[2], w_oihw.shape[3]
+    winx, winy = (kw - 1) * dilation[0] + 1, (kh - 1) * dilation[1] + 1
+    wt = _transpose_weights(w_oihw, groups)
+    xs = x.permute(0, 3, 1, 2)
+    with tf32(allow_tf32, x):
+        yt = F.conv_transpose2d(xs, wt, None, (stride[1], stride[0]), 0, 0, groups, (dilation[1], dilation[0]))
+    u0x = tx + (winx - 1) - (winx >> 1)
+    u0y = ty + (winy - 1) - (winy >> 1)
+    y = _crop_or_zero(yt, u0y, u0x, out_h, out_w)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1).to(y.dtype)
+    return y.permute(0, 2, 3, 1)
+
+
+def conv_transpose_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int],
+                                 groups: int, tx: int, ty: int, allow_tf32: bool, need_data: bool, need_weights: bool,
+                                 need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`conv_transpose_nhwc`: ``(dx NHWC, dw in MPS [Cout][Cin/g][kH][kW], db)``."""
+    n, out_h, out_w, cout = e.shape
+    kh, kw = w_oihw.shape[2], w_oihw.shape[3]
+    winx, winy = (kw - 1) * dilation[0] + 1, (kh - 1) * dilation[1] + 1
+    xs = x.permute(0, 3, 1, 2)
+    full_h = (x.shape[1] - 1) * stride[1] + winy
+    full_w = (x.shape[2] - 1) * stride[0] + winx
+    u0x = tx + (winx - 1) - (winx >> 1)
+    u0y = ty + (winy - 1) - (winy >> 1)
+    g = e.new_zeros((n, cout, full_h, full_w), memory_format=torch.channels_last)
+    ys0, ys1 = max(u0y, 0), min(u0y + out_h, full_h)
+    xs0, xs1 = max(u0x, 0), min(u0x + out_w, full_w)
+    if ys1 > ys0 and xs1 > xs0:
+        g[:, :, ys0:ys1, xs0:xs1] = e.permute(0, 3, 1, 2)[:, :, ys0 - u0y:ys1 - u0y, xs0 - u0x:xs1 - u0x]
+    wt = _transpose_weights(w_oihw, groups)
+    with tf32(allow_tf32, x):
+        gi, gwt, _ = torch.ops.aten.convolution_backward(
+            g, xs, wt, None, [stride[1], stride[0]], [0, 0], [dilation[1], dilation[0]], True, [0, 0], groups,
+            [need_data, need_weights, False])
+    dx = gi.permute(0, 2, 3, 1) if need_data else None
+    dw = _transpose_weights_back(gwt, groups) if need_weights else None
+    db = e.sum(dim=(0, 1, 2)) if need_bias else None
+    return dx, dw, db
+
+
+def _transpose_weights(w_oihw: torch.Tensor, groups: int) -> torch.Tensor:
+    """MPS ``W[o][c][q][p]`` (o < Cout, c < Cin/g) -> torch transposed-conv weights
+    ``[Cin][Cout/g][kH][kW]`` rotated by 180°."""
+    cout, cin_g, kh, kw = w_oihw.shape
+    w = w_oihw.flip(2, 3).reshape(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+    return w.reshape(groups * cin_g, cout // groups, kh, kw)
+
+
+def _transpose_weights_back(wt: torch.Tensor, groups: int) -> torch.Tensor:
+    cin, cout_g, kh, kw = wt.shape
+    w = wt.reshape(groups, cin // groups, cout_g, kh, kw).transpose(1, 2).reshape(groups * cout_g, cin // groups, kh, kw)
+    return w.flip(2, 3)
+
+
+def _crop_or_zero(y: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
+    """``y[:, :, y0:y0+h, x0:x0+w]`` with zeros where the window leaves ``y``."""
+    H, W = y.shape[2], y.shape[3]
+    if y0 >= 0 and x0 >= 0 and y0 + h <= H and x0 + w <= W:
+        return y[:, :, y0:y0 + h, x0:x0 + w]
+    out = y.new_zeros((y.shape[0], y.shape[1], h, w), memory_format=torch.channels_last)
+    ys0, ys1, xs0, xs1 = max(y0, 0), min(y0 + h, H), max(x0, 0), min(x0 + w, W)
+    if ys1 > ys0 and xs1 > xs0:
+        out[:, :, ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0] = y[:, :, ys0:ys1, xs0:xs1]
+    return out
+
+
+def fully_connected_nhwc(x: torch.Tensor, w_ohwi: torch.Tensor, bias: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
+    """Inner product of each whole image ``[N, H, W, C]`` with OHWI weights -> ``[N, 1, 1, Cout]``."""
+    n = x.shape[0]
+    with tf32(allow_tf32, x):
+        y = F.linear(x.reshape(n, -1), w_ohwi.reshape(w_ohwi.shape[0], -1), bias)
+    return y.view(n, 1, 1, -1)
+
+
+def fully_connected_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_ohwi: torch.Tensor, allow_tf32: bool, need_data: bool,
+                                  need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    n = x.shape[0]
+    e2 = e.reshape(n, -1)
+    with tf32(allow_tf32, x):
+        dx = (e2 @ w_ohwi.reshape(w_ohwi.shape[0], -1)).view(x.shape) if need_data else None
+        dw = (e2.t() @ x.reshape(n, -1)).view(w_ohwi.shape) if need_weights else None
+    db = e2.sum(0) if need_bias else None
+    return dx, dw, db

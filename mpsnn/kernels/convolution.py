@@ -1,0 +1,550 @@
+"""MPSCNNConvolution, MPSCNNConvolutionGradient, MPSCNNFullyConnected, MPSCNNFullyConnectedGradient.
+
+Forward (convolution.md §1, §3), per written destination pixel ``(x, y)``, image slot ``m``,
+output channel ``o``::
+
+    left = offset.x + i·sX − (kWd >> 1) ;  top = offset.y + j·sY − (kHd >> 1)
+    acc(o) = Σ_q Σ_p Σ_c W[o][q][p][c] · S̃(n_src, left + p·dX, top + q·dY, cs0 + G(o)·Cin_g + c)
+    D[n_dst, x, y, cd0 + o] = store(f((acc(o) + b[o])·I[o] + J[o]))
+
+(``I``, ``J`` from inference batch norm, identity otherwise; ``f`` the fused neuron.)
+
+Gradient (§11.3, the exact adjoint of the forward correlation)::
+
+    dW[o][q][p][c] = Σ_n Σ_i Σ_j E(n,i,j,o) · S̃(n, sX·i + ox + dX·p, sY·j + oy + dY·q, cs0 + G(o)·Cin_g + c)
+    db[o]          = Σ_n Σ_i Σ_j E(n,i,j,o)
+    dS             = the adjoint of the correlation (off-image taps dropped)
+
+Numerics and decisions:
+
+* The numerics run through cuDNN (CUDA) or oneDNN (CPU) via torch on channels-last views of
+  the NHWC images: no per-call layout copies. Weights are read from the data source once
+  (float32), kept as a float32 master and converted once per image dtype into the OIHW
+  channels-last tensor the convolution consumes (batch norm folded in for inference).
+* Arithmetic: products in the image's dtype with float32 accumulation (cuDNN). For float32
+  images ``accumulator_precision_option = float`` (the default) forbids TF32, ``half`` allows
+  it (``MPSNNConvolutionAccumulatorPrecisionOption``). float16/bfloat16 images always
+  accumulate in float32; their convolution result is rounded to the image dtype before a fused
+  neuron runs (a second rounding, within the format's precision).
+* The gradient kernel ignores the fused neuron and batch norm (they are not differentiated,
+  §11.3) and uses the unfolded weights. ``E`` is read from the incoming gradient image at the
+  forward clip rectangle's origin when that image has the forward destination's size, else
+  from (0, 0) (an "unpadded E", §11.4). The result has the forward source's size and ``Cin``
+  channels; pixels the forward pass never read get 0.
+* Gradients with respect to weights and biases land in the ``MPSCNNConvolutionGradientState``
+  (float32, the data source's layout). ``encode`` overwrites them with the sum over the images
+  of that encode; ``encode_batch`` sums over the whole batch (the state is shared,
+  ``is_result_state_reused_across_batch`` is True).
+* Fully connected: the weight order is the FC documentation's ``[Cout][W][H][Cin]``
+  (CONFLICT §14.1, switch in ``convolution_data``); it runs as one matrix product.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..backends import convolution as conv_backend
+from ..backends import dispatch
+from ..backends.torch_eager import NeuronParams
+from ..core.binary_kernel import MPSCNNGradientKernel
+from ..core.device import Device, MTLCommandBuffer
+from ..core.enums import (
+    MPSCNNConvolutionGradientOption,
+    MPSCNNNeuronType,
+    MPSNNConvolutionAccumulatorPrecisionOption,
+    MPSNNPaddingMethod,
+)
+from ..core.errors import MPSTypeError, MPSValueError, value_error
+from ..core.kernel import InputGeometry, MPSCNNKernel, Region
+from ..images import formats as fm
+from ..images.image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from ..images.state import ForwardGeometry, MPSState
+from .convolution_data import (
+    ConvolutionDataSource,
+    ConvolutionGeometry,
+    MPSCNNConvolutionDataSource,
+    MPSCNNConvolutionGradientState,
+    MPSCNNConvolutionWeightsAndBiasesState,
+    fold_batch_norm,
+    load_weights,
+    weight_shape,
+)
+from .neuron import MPSNNNeuronDescriptor
+
+
+def write_result(dest: MPSImage, region: Region, values: torch.Tensor) -> None:
+    """Store ``values`` into ``dest``'s region; when the region is all of a fresh image that
+    mpsnn owns, adopt the tensor as its storage instead of copying (zero-copy results)."""
+    if (region.covers(dest) and dest.parent is None and not dest._wrapped and dest._storage is None
+            and values.is_contiguous() and values.dtype == dest.dtype and values.shape == dest.shape
+            and dest.feature_channel_format not in fm.UNORM_MAX and values.device == dest.device.torch_device):
+        dest._storage = values
+        if isinstance(dest, MPSTemporaryImage):
+            dest._flat = values.view(-1)
+        return
+    dest.store(values, region.index())
+
+
+class _ConvolutionWeights:
+    """Weight handling shared by every convolution-family kernel: load from the data source,
+    float32 master tensors, per-dtype compute tensors, reload and export."""
+
+    _kind = "regular"
+    _geom: ConvolutionGeometry
+
+    def _init_weights(self, weights: Any, kind: str) -> None:
+        self._data_source = weights
+        loaded, geom = load_weights(type(self).__name__, weights, kind)
+        self._geom = geom
+        self._descriptor = loaded.descriptor
+        self._set_master(torch.from_numpy(loaded.weights), None if loaded.bias is None else torch.from_numpy(loaded.bias))
+        if loaded.label is not None:
+            self.label = loaded.label  # type: ignore[attr-defined]
+
+    def _set_master(self, w_internal: torch.Tensor, bias: torch.Tensor | None) -> None:
+        dev = self.device.torch_device  # type: ignore[attr-defined]
+        self._w32 = w_internal.to(dev, torch.float32).contiguous()
+        self._b32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
+        self._compute: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _moved_to_device(self) -> None:
+        self._set_master(self._w32, self._b32)
+        super()._moved_to_device()  # type: ignore[misc]
+
+    # -- layouts ----------------------------------------------------------------------------------
+    def _to_layout(self, w_internal: torch.Tensor) -> torch.Tensor:
+        """Internal OHWI (depthwise ``[O][H][W][1]``) -> the data source's layout."""
+        if self._geom.kind == "depthwise":
+            return w_internal[..., 0]
+        if self._geom.kind == "fully_connected":
+            from .convolution_data import FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT
+            return w_internal.transpose(1, 2) if FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else w_internal
+        return w_internal
+
+    def _from_layout(self, w_layout: torch.Tensor) -> torch.Tensor:
+        shape = weight_shape(self._geom)
+        w = w_layout.reshape(shape)
+        if self._geom.kind == "depthwise":
+            return w.unsqueeze(-1)
+        if self._geom.kind == "fully_connected":
+            from .convolution_data import FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT
+            return w.transpose(1, 2) if FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else w
+        return w
+
+    def _compute_weights(self, dtype: torch.dtype, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """OIHW channels-last weights (and bias) in ``dtype``; converted once per dtype."""
+        key = (dtype, fold)
+        if key not in self._compute:
+            w, b = (fold_batch_norm(self._w32, self._b32, self._descriptor) if fold else (self._w32, self._b32))
+            self._compute[key] = (w.permute(0, 3, 1, 2).to(dtype), None if b is None else b.to(dtype))
+        return self._compute[key]
+
+    # -- Apple's weight management --------------------------------------------------------------------
+    @property
+    def data_source(self) -> MPSCNNConvolutionDataSource:
+        return self._data_source
+
+    @property
+    def input_feature_channels(self) -> int:
+        return self._geom.input_channels
+
+    @property
+    def output_feature_channels(self) -> int:
+        return self._geom.output_channels
+
+    @property
+    def groups(self) -> int:
+        return self._geom.groups
+
+    @property
+    def channel_multiplier(self) -> int:
+        return self._geom.channel_multiplier
+
+    def reload_weights_and_biases_from_data_source(self) -> None:
+        """Re-read weights and biases (and the descriptor's batch norm) from the data source."""
+        loaded, geom = load_weights(type(self).__name__, self._data_source, self._kind)
+        if geom != self._geom:
+            raise value_error(type(self).__name__, "data source descriptor", geom, f"keep the kernel's geometry {self._geom}")
+        self._descriptor = loaded.descriptor
+        self._set_master(torch.from_numpy(loaded.weights), None if loaded.bias is None else torch.from_numpy(loaded.bias))
+
+    def reload_weights_and_biases_with_data_source(self, data_source: Any = None) -> None:
+        """Deprecated form: the argument is ignored, as in Apple's API."""
+        self.reload_weights_and_biases_from_data_source()
+
+    def reload_weights_and_biases_with_command_buffer(self, command_buffer: MTLCommandBuffer, state: MPSCNNConvolutionWeightsAndBiasesState) -> None:
+        """Take float32 weights (the data source's layout) and biases from ``state`` as part
+        of ``command_buffer``; decrements the state's read count."""
+        cb = self._check_command_buffer(command_buffer)  # type: ignore[attr-defined]
+        if not isinstance(state, MPSCNNConvolutionWeightsAndBiasesState):
+            raise MPSTypeError(f"{type(self).__name__}: `state` must be an MPSCNNConvolutionWeightsAndBiasesState, but got {type(state).__name__}")
+        state.check_usable(type(self).__name__, cb)
+        n = self._w32.numel()
+        if state.weights.numel() != n:
+            raise value_error(type(self).__name__, "state.weights", f"{state.weights.numel()} values", f"hold {n} weights {list(weight_shape(self._geom))}")
+        with cb.encoding(type(self).__name__):
+            self._w32.copy_(self._from_layout(state.weights))
+            if state.biases is not None:
+                if self._b32 is None:
+                    self._b32 = torch.zeros(self._geom.output_channels, dtype=torch.float32, device=self._w32.device)
+                self._b32.copy_(state.biases.reshape(-1))
+            self._compute.clear()
+        state.consume_read()
+
+    def export_weights_and_biases(self, command_buffer: MTLCommandBuffer, result_state_can_be_temporary: bool = False) -> MPSCNNConvolutionWeightsAndBiasesState:
+        """The current float32 weights (the data source's layout) and biases in a new state."""
+        cb = self._check_command_buffer(command_buffer)  # type: ignore[attr-defined]
+        with cb.encoding(type(self).__name__):
+            w = self._to_layout(self._w32).clone()
+            b = self._b32.clone() if self._b32 is not None else torch.zeros(self._geom.output_channels, dtype=torch.float32, device=self._w32.device)
+        if result_state_can_be_temporary:
+            st = MPSCNNConvolutionWeightsAndBiasesState(w, b)
+            st.is_temporary, st.command_buffer, st._read_count = True, cb, 1
+            return st
+        return MPSCNNConvolutionWeightsAndBiasesState(w, b)
+
+    export_weights_and_biases_with_command_buffer = export_weights_and_biases
+
+    def _allow_tf32(self) -> bool:
+        return getattr(self, "accumulator_precision_option", MPSNNConvolutionAccumulatorPrecisionOption.float) == MPSNNConvolutionAccumulatorPrecisionOption.half
+
+    def _neuron_params(self) -> NeuronParams | None:
+        nd = self._descriptor.effective_neuron()
+        if nd is None:
+            return None
+        slopes = None
+        if nd.neuron_type == MPSCNNNeuronType.pReLU:
+            if nd.data is None or nd.data.size < self._geom.output_channels:
+                raise value_error(type(self).__name__, "fused_neuron_descriptor.data", None if nd.data is None else f"{nd.data.size} slopes",
+                                  f"hold one PReLU slope per output channel ({self._geom.output_channels})")
+            slopes = torch.from_numpy(nd.data[: self._geom.output_channels].copy()).to(self._w32.device)
+        return NeuronParams(nd.neuron_type, nd.a, nd.b, nd.c, slopes)
+
+
+def _legacy_data_source(owner: str, weights: Any, convolution_descriptor: Any, kernel_weights: Any, bias_terms: Any, flags: int) -> Any:
+    if weights is not None:
+        if convolution_descriptor is not None or kernel_weights is not None:
+            raise MPSTypeError(f"{owner}: give either `weights` (a data source) or `convolution_descriptor` + `kernel_weights`, not both")
+        return weights
+    if convolution_descriptor is None or kernel_weights is None:
+        raise MPSTypeError(f"{owner}: `weights` (an MPSCNNConvolutionDataSource) is required")
+    if int(flags) != 0:
+        raise value_error(owner, "flags", flags, "be MPSCNNConvolutionFlags.none")
+    return ConvolutionDataSource(convolution_descriptor, weights=torch.as_tensor(kernel_weights, dtype=torch.float32).numpy(), bias_terms=bias_terms)
+
+
+class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
+    """``MPSCNNConvolution``: 2-D convolution (regular, grouped, dilated, depthwise, sub-pixel)
+    with fused bias, inference batch norm and neuron (see the module docstring for the math).
+
+    Args:
+        device: the device (positional, first).
+        weights: an :class:`MPSCNNConvolutionDataSource` (``initWithDevice:weights:``).
+        convolution_descriptor, kernel_weights, bias_terms, flags: the deprecated
+            ``initWithDevice:convolutionDescriptor:kernelWeights:biasTerms:flags:`` form
+            (float32 OHWI weights).
+
+    Properties: ``input_feature_channels``, ``output_feature_channels``, ``groups``,
+    ``data_source``, ``sub_pixel_scale_factor``, ``channel_multiplier`` (0 unless depthwise),
+    ``fused_neuron_descriptor``, ``accumulator_precision_option`` (rw, default ``float``),
+    deprecated ``neuron_type`` / ``neuron_parameter_a/_b/_c``; the kernel-base properties.
+
+    Shape: ``[N, H, W, Cin] -> [N, H', W', Cout]`` (sub-pixel: ``Cout/r²`` channels, r times
+    larger); with the default padding ``H' = ceil(H/sY)``, ``W' = ceil(W/sX)``.
+    """
+
+    _kind = "regular"
+
+    def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None, *, convolution_descriptor: Any = None,
+                 kernel_weights: Any = None, bias_terms: Any = None, flags: int = 0) -> None:
+        MPSCNNKernel.__init__(self, device)
+        ds = _legacy_data_source(type(self).__name__, weights, convolution_descriptor, kernel_weights, bias_terms, flags)
+        self._init_weights(ds, self._kind)
+        g = self._geom
+        self._kernel_width, self._kernel_height = g.kernel_width, g.kernel_height
+        self._stride_x, self._stride_y = g.stride_x, g.stride_y
+        self._dilation_x, self._dilation_y = g.dilation_x, g.dilation_y
+        self.accumulator_precision_option = MPSNNConvolutionAccumulatorPrecisionOption.float
+
+    @property
+    def sub_pixel_scale_factor(self) -> int:
+        return self._geom.sub_pixel
+
+    @property
+    def fused_neuron_descriptor(self) -> MPSNNNeuronDescriptor | None:
+        return self._descriptor.effective_neuron()
+
+    @property
+    def neuron_type(self) -> MPSCNNNeuronType:
+        n = self._descriptor.effective_neuron()
+        return MPSCNNNeuronType.none if n is None else n.neuron_type
+
+    @property
+    def neuron_parameter_a(self) -> float:
+        n = self._descriptor.effective_neuron()
+        return 1.0 if n is None else n.a
+
+    @property
+    def neuron_parameter_b(self) -> float:
+        n = self._descriptor.effective_neuron()
+        return 1.0 if n is None else n.b
+
+    @property
+    def neuron_parameter_c(self) -> float:
+        n = self._descriptor.effective_neuron()
+        return 1.0 if n is None else n.c
+
+    def is_result_state_reused_across_batch(self) -> bool:
+        return True
+
+    def source_channels_used(self, source: MPSImage) -> int:
+        n = MPSCNNKernel.source_channels_used(self, source)
+        if n < self._geom.input_channels:
+            raise value_error(self._name(), "source_image.feature_channels", source.feature_channels,
+                              f"supply input_feature_channels={self._geom.input_channels} channels from source_feature_channel_offset={self.source_feature_channel_offset}",
+                              f"{n} channels")
+        return self._geom.input_channels
+
+    def output_feature_channels(self, source_channels: int) -> int:  # type: ignore[override]
+        return self._geom.output_channels // (self._geom.sub_pixel ** 2)
+
+    def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
+        r = self._geom.sub_pixel
+        if r > 1:
+            desc = desc.copy()
+            desc.width, desc.height = desc.width * r, desc.height * r
+        return desc
+
+    def _make_state(self, source: MPSImage, dest: MPSImage | None, command_buffer: MTLCommandBuffer | None) -> MPSState | None:
+        return MPSCNNConvolutionGradientState(self._geometry(source, dest), self.device, command_buffer, self)
+
+    def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        g = self._geom
+        x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + g.input_channels]
+        w, b = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=True)
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        r = g.sub_pixel
+        ow, oh = (region.width + r - 1) // r, (region.height + r - 1) // r
+        y = conv_backend.conv2d_nhwc(x, w, b, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
+                                     groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
+                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32())
+        p = self._neuron_params()
+        if r > 1:
+            if p is not None:
+                y = y.contiguous()
+                dispatch.neuron_forward(y, y, p)
+                p = None
+            y = conv_backend.depth_to_space_dcr(y, r, region.width, region.height)
+        if p is not None:
+            if not y.is_contiguous():
+                y = y.contiguous()
+            dispatch.neuron_forward(y, y, p)
+        write_result(dest, region, y)
+
+
+class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
+    """``MPSCNNConvolutionGradient``: gradients of a convolution with respect to its source
+    (the result image) and to its weights and biases (written into the gradient state).
+
+    Args:
+        device: the device (positional, first).
+        weights: the forward convolution's data source.
+
+    Properties: ``gradient_option`` (rw, default ``all``), ``source_gradient_feature_channels``
+    (= Cout), ``source_image_feature_channels`` (= Cin), ``groups``, ``channel_multiplier``,
+    ``data_source``, ``serialize_weights_and_biases`` (deprecated, no effect).
+
+    Encode: ``encode(cb, source_gradient, source_image, gradient_state[, destination_gradient])``
+    with the forward ``MPSCNNConvolutionGradientState``; ``encode_batch`` sums the weight and
+    bias gradients over the batch.
+    """
+
+    _kind = "regular"
+
+    def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None) -> None:
+        MPSCNNGradientKernel.__init__(self, device)
+        if weights is None:
+            raise MPSTypeError(f"{type(self).__name__}: `weights` (the forward convolution's data source) is required")
+        self._init_weights(weights, self._kind)
+        if self._geom.sub_pixel > 1:
+            raise value_error(type(self).__name__, "descriptor.sub_pixel_scale_factor", self._geom.sub_pixel, "be 1: sub-pixel convolutions have no gradient")
+        g = self._geom
+        self._primary_kernel = (1, 1)
+        self._secondary_kernel = (g.kernel_width, g.kernel_height)
+        self._secondary_dilation = (g.dilation_x, g.dilation_y)
+        self._s_stride = [g.stride_x, g.stride_y]
+        self.gradient_option = MPSCNNConvolutionGradientOption.all
+        self.serialize_weights_and_biases = False
+        self.accumulator_precision_option = MPSNNConvolutionAccumulatorPrecisionOption.float
+        self._is_state_modified = True
+        self._accumulating: set[int] | None = None
+
+    @property
+    def source_gradient_feature_channels(self) -> int:
+        return self._geom.output_channels
+
+    @property
+    def source_image_feature_channels(self) -> int:
+        return self._geom.input_channels
+
+    def apply_forward_geometry(self, g: ForwardGeometry) -> None:
+        self._forward = g
+        self._p_c_off, self._p_c_max = g.destination_feature_channel_offset, self._geom.output_channels
+        self._s_c_off, self._s_c_max = g.source_feature_channel_offset, self._geom.input_channels
+        self._dst_c_off = 0
+
+    def output_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
+        g = self._geom
+        if primary_channels < g.output_channels:
+            raise value_error(self._name(), "source_gradient.feature_channels", primary_channels, f"supply output_feature_channels={g.output_channels} channels")
+        if secondary_channels < g.input_channels:
+            raise value_error(self._name(), "source_image.feature_channels", secondary_channels, f"supply input_feature_channels={g.input_channels} channels")
+        return g.input_channels
+
+    def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def, override]
+        if not isinstance(gradient_state, MPSCNNConvolutionGradientState):
+            raise MPSTypeError(f"{self._name()}: `gradient_state` must be the MPSCNNConvolutionGradientState of the forward encode, but got {type(gradient_state).__name__}")
+        return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
+
+    def encode_batch(self, command_buffer, source_gradients, source_images, gradient_states, destination_gradients=None):  # type: ignore[no-untyped-def, override]
+        for k, s in enumerate(gradient_states or [None]):
+            if not isinstance(s, MPSCNNConvolutionGradientState):
+                raise MPSTypeError(f"{self._name()}: `gradient_states[{k}]` must be an MPSCNNConvolutionGradientState, but got {type(s).__name__}")
+        self._accumulating = set()
+        try:
+            return super().encode_batch(command_buffer, source_gradients, source_images, gradient_states, destination_gradients)
+        finally:
+            self._accumulating = None
+
+    def _prepare_new_destination(self, cb, prim, sec, dest):  # type: ignore[no-untyped-def]
+        """Nothing to do: the result is written in full (zeros where the forward pass read nothing)."""
+
+    def _gradient_inputs(self, prim: MPSImage, sec: MPSImage, region: Region, pg: InputGeometry, sg: InputGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._forward
+        if f is None:
+            raise MPSValueError(f"{self._name()}: the forward geometry is missing: pass the forward convolution's gradient state")
+        clip = f.clip_rect
+        fx0, fy0 = min(clip.origin.x, f.destination_width), min(clip.origin.y, f.destination_height)
+        ew = max(0, min(clip.origin.x + clip.size.width, f.destination_width) - fx0)
+        eh = max(0, min(clip.origin.y + clip.size.height, f.destination_height) - fy0)
+        if self._geom.sub_pixel > 1:
+            raise value_error(self._name(), "forward", "sub-pixel", "be a regular, grouped or depthwise convolution")
+        ex, ey = (fx0, fy0) if (prim.width, prim.height) == (f.destination_width, f.destination_height) else (0, 0)
+        if ex + ew > prim.width or ey + eh > prim.height:
+            raise value_error(self._name(), "source_gradient", f"{prim.width}x{prim.height}",
+                              f"cover the forward output region {ew}x{eh} at ({ex}, {ey})")
+        e = prim.tensor[pg.n0:pg.n0 + region.count, ey:ey + eh, ex:ex + ew, pg.c0:pg.c0 + self._geom.output_channels]
+        x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + self._geom.input_channels]
+        return e, x
+
+    def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
+        f = self._forward
+        st = self._gradient_state
+        if f is None or not isinstance(st, MPSCNNConvolutionGradientState):
+            raise MPSValueError(f"{self._name()}: `gradient_state` must come from the forward convolution's encode")
+        if (dest.width, dest.height) != (sec.width, sec.height):
+            raise value_error(self._name(), "destination_gradient", f"{dest.width}x{dest.height}",
+                              f"have the forward source's size {sec.width}x{sec.height}")
+        g = self._geom
+        e, x = self._gradient_inputs(prim, sec, region, pg, sg)
+        w, _ = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=False)
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        if e.dtype != w.dtype:
+            e = e.to(w.dtype)
+        opt = MPSCNNConvolutionGradientOption(self.gradient_option)
+        need_data = bool(opt & MPSCNNConvolutionGradientOption.gradientWithData)
+        need_w = bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
+        kwd = (g.kernel_width - 1) * g.dilation_x + 1
+        khd = (g.kernel_height - 1) * g.dilation_y + 1
+        dx, dw, db = self._backward(e, x, w, f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1), f.edge_mode, need_data, need_w)
+        if need_w:
+            self._store_weight_gradients(st, dw, db)
+        if need_data:
+            assert dx is not None
+            write_result(dest, region, dx)
+
+    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+        g = self._geom
+        return conv_backend.conv2d_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
+                                                 groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
+                                                 need_data=need_data, need_weights=need_w, need_bias=need_w)
+
+    def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
+        gw, gb = st._buffers()
+        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1)).to(torch.float32)
+        first = self._accumulating is None or id(st) not in self._accumulating
+        if first:
+            gw.copy_(dw.reshape(gw.shape))
+            gb.copy_(db.to(torch.float32))
+            if self._accumulating is not None:
+                self._accumulating.add(id(st))
+        else:
+            gw.add_(dw.reshape(gw.shape))
+            gb.add_(db.to(torch.float32))
+
+
+class MPSCNNFullyConnected(MPSCNNConvolution):
+    """``MPSCNNFullyConnected``: every value of each whole source image connects to every
+    output channel; the result is ``1 x 1 x Cout`` per image.
+
+    The descriptor's ``kernel_width``/``kernel_height`` must equal the source's width/height;
+    strides and groups 1; ``offset`` is ignored. Weights ``[Cout][sourceWidth][sourceHeight][Cin]``
+    (see the module docstring). Default padding: ``sizeValidOnly``.
+    """
+
+    _kind = "fully_connected"
+    _default_padding = int(MPSNNPaddingMethod.sizeValidOnly)
+
+    def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None, **legacy: Any) -> None:
+        super().__init__(device, weights, **legacy)
+        g = self._geom
+        if g.stride_x != 1 or g.stride_y != 1 or g.groups != 1 or g.dilation_x != 1 or g.dilation_y != 1:
+            raise value_error(type(self).__name__, "descriptor", g, "have strides, dilation and groups of 1")
+
+    def _check_source_size(self, src: MPSImage) -> None:
+        g = self._geom
+        if (src.width, src.height) != (g.kernel_width, g.kernel_height):
+            raise value_error(self._name(), "source_image", f"{src.width}x{src.height}",
+                              f"match the kernel size {g.kernel_width}x{g.kernel_height} (kernel_width x kernel_height)")
+
+    def destination_image_descriptor(self, source_images, source_states=None):  # type: ignore[no-untyped-def]
+        imgs = [source_images] if isinstance(source_images, MPSImage) else source_images
+        self._check_source_size(imgs[0])
+        desc = super().destination_image_descriptor(imgs, source_states)
+        desc.width, desc.height = 1, 1
+        return desc
+
+    def _encode_region(self, cb, src, inp, dest, region, state):  # type: ignore[no-untyped-def]
+        self._check_source_size(src)
+        g = self._geom
+        x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + g.input_channels]
+        w, b = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=True)
+        x = x.to(w.dtype) if x.dtype != w.dtype else x
+        y = conv_backend.fully_connected_nhwc(x, w.permute(0, 2, 3, 1), b, self._allow_tf32())
+        p = self._neuron_params()
+        if p is not None:
+            y = y.contiguous()
+            dispatch.neuron_forward(y, y, p)
+        write_result(dest, Region(region.n0, region.count, region.x0, region.y0, 1, 1, region.c0, region.channels), y)
+
+
+class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
+    """``MPSCNNFullyConnectedGradient``: ``dS = Σ_o E(n,o)·W[o]``, ``dW[o] = Σ_n E(n,o)·S(n)``,
+    ``db[o] = Σ_n E(n,o)`` with the FC weight layout (convolution.md §14.2)."""
+
+    _kind = "fully_connected"
+
+    def _gradient_inputs(self, prim, sec, region, pg, sg):  # type: ignore[no-untyped-def]
+        e = prim.tensor[pg.n0:pg.n0 + region.count, 0:1, 0:1, pg.c0:pg.c0 + self._geom.output_channels]
+        x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + self._geom.input_channels]
+        if (sec.width, sec.height) != (self._geom.kernel_width, self._geom.kernel_height):
+            raise value_error(self._name(), "source_image", f"{sec.width}x{sec.height}", f"match the kernel size {self._geom.kernel_width}x{self._geom.kernel_height}")
+        return e, x
+
+    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+        dx, dw, db = conv_backend.fully_connected_backward_nhwc(e, x, w.permute(0, 2, 3, 1), self._allow_tf32(), need_data, need_w, need_w)
+        return dx, (dw.permute(0, 3, 1, 2) if dw is not None else None), db
+
