@@ -119,7 +119,7 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
     full_w = (xs.shape[3] + 2 * px.pad - winx) // stride[0] + 1
     en = e.permute(0, 3, 1, 2)
     if (full_h, full_w) != (out_h, out_w) or py.skip or px.skip:
-        g = en.new_zeros((n, cout, full_h, full_w), memory_format=torch.channels_last)
+        g = _zeros_nchw_channels_last(en, n, cout, full_h, full_w)
         g[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w] = en
         en = g
     elif not en.is_contiguous(memory_format=torch.channels_last):
@@ -149,6 +149,11 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
             if inner is not None:
                 dx[:, lo_y:lo_y + inner.shape[1], lo_x:lo_x + inner.shape[2], :] = inner
     return dx, gw if need_weights else None, gb if need_bias else None
+
+
+def _zeros_nchw_channels_last(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Zeros of logical shape ``[n, c, h, w]`` stored channels-last (an NHWC tensor's view)."""
+    return torch.zeros((n, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
 
 
 def depth_to_space_dcr(y: torch.Tensor, r: int, out_w: int, out_h: int) -> torch.Tensor:
@@ -196,7 +201,7 @@ def conv_transpose_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch
     full_w = (x.shape[2] - 1) * stride[0] + winx
     u0x = tx + (winx - 1) - (winx >> 1)
     u0y = ty + (winy - 1) - (winy >> 1)
-    g = e.new_zeros((n, cout, full_h, full_w), memory_format=torch.channels_last)
+    g = _zeros_nchw_channels_last(e, n, cout, full_h, full_w)
     ys0, ys1 = max(u0y, 0), min(u0y + out_h, full_h)
     xs0, xs1 = max(u0x, 0), min(u0x + out_w, full_w)
     if ys1 > ys0 and xs1 > xs0:
@@ -231,7 +236,7 @@ def _crop_or_zero(y: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Te
     H, W = y.shape[2], y.shape[3]
     if y0 >= 0 and x0 >= 0 and y0 + h <= H and x0 + w <= W:
         return y[:, :, y0:y0 + h, x0:x0 + w]
-    out = y.new_zeros((y.shape[0], y.shape[1], h, w), memory_format=torch.channels_last)
+    out = _zeros_nchw_channels_last(y, y.shape[0], y.shape[1], h, w)
     ys0, ys1, xs0, xs1 = max(y0, 0), min(y0 + h, H), max(x0, 0), min(x0 + w, W)
     if ys1 > ys0 and xs1 > xs0:
         out[:, :, ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0] = y[:, :, ys0:ys1, xs0:xs1]

@@ -112,7 +112,7 @@ class MPSCNNBinaryKernel(MPSKernel):
                               f"be < the {which} image's feature_channels={image.feature_channels}")
         return min(c_max, avail)
 
-    def output_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
+    def _result_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
         """Channels written (default: the primary's channels used)."""
         return primary_channels
 
@@ -128,7 +128,7 @@ class MPSCNNBinaryKernel(MPSKernel):
         if r.width < 1 or r.height < 1:
             raise value_error(self._name(), "primary image", f"{prim.width}x{prim.height}", "be large enough for the kernel window", f"a {r.width}x{r.height} result")
         self._p_offset = MPSOffset(r.offset_x, r.offset_y, self._p_offset.z)
-        nout = self.output_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
+        nout = self._result_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
                                             self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
         desc = MPSImageDescriptor(channel_format=prim.feature_channel_format, width=r.width, height=r.height,
                                   feature_channels=nout, number_of_images=prim.number_of_images)
@@ -281,7 +281,7 @@ class MPSCNNBinaryKernel(MPSKernel):
         self._check_no_alias(dest, prim, sec)
         np_ = self._channels_used(prim, self._p_c_off, self._p_c_max, "primary")
         ns = self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary")
-        nout = self.output_feature_channels(np_, ns)
+        nout = self._result_feature_channels(np_, ns)
         if self._dst_c_off + nout > dest.feature_channels:
             raise value_error(self._name(), "destination_image.feature_channels", dest.feature_channels,
                               f"be >= destination_feature_channel_offset + {nout} output channels = {self._dst_c_off + nout}")
@@ -361,7 +361,7 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         """A gradient result the kernel allocated is zero wherever the encode does not write
         (channels outside the forward pass's channel window): the true gradient there is 0,
         and a pooled temporary would otherwise expose stale data."""
-        nout = self.output_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
+        nout = self._result_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
                                             self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
         if self._dst_c_off != 0 or nout != dest.feature_channels:
             with cb.encoding(self._name()):

@@ -368,7 +368,7 @@ class MPSCNNKernel(MPSKernel):
                               f"be < the source's feature_channels={source.feature_channels}")
         return min(self._src_c_max, avail)
 
-    def output_feature_channels(self, source_channels: int) -> int:
+    def _result_feature_channels(self, source_channels: int) -> int:
         """Channels this kernel writes for ``source_channels`` input channels (default: the same)."""
         return source_channels
 
@@ -392,7 +392,7 @@ class MPSCNNKernel(MPSKernel):
                               f"a {r.width}x{r.height} result")
         self._apply_padding_offsets(r)
         desc = MPSImageDescriptor(channel_format=src.feature_channel_format, width=r.width, height=r.height,
-                                  feature_channels=self.output_feature_channels(self.source_channels_used(src)),
+                                  feature_channels=self._result_feature_channels(self.source_channels_used(src)),
                                   number_of_images=src.number_of_images)
         return self._finish_descriptor(desc, method, source_images, source_states)
 
@@ -518,7 +518,7 @@ class MPSCNNKernel(MPSKernel):
         dest = self._check_image("destination_image", dest, cb)
         self._check_no_alias(dest, src)
         nin = self.source_channels_used(src)
-        nout = self.output_feature_channels(nin)
+        nout = self._result_feature_channels(nin)
         if self._dst_c_off + nout > dest.feature_channels:
             raise value_error(self._name(), "destination_image.feature_channels", dest.feature_channels,
                               f"be >= destination_feature_channel_offset + {nout} output channels = {self._dst_c_off + nout}")

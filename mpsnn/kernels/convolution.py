@@ -92,6 +92,7 @@ class _ConvolutionWeights:
 
     _kind = "regular"
     _geom: ConvolutionGeometry
+    label: str | None
 
     def _init_weights(self, weights: Any, kind: str) -> None:
         self._data_source = weights
@@ -100,7 +101,7 @@ class _ConvolutionWeights:
         self._descriptor = loaded.descriptor
         self._set_master(torch.from_numpy(loaded.weights), None if loaded.bias is None else torch.from_numpy(loaded.bias))
         if loaded.label is not None:
-            self.label = loaded.label  # type: ignore[attr-defined]
+            self.label = loaded.label  # the data source's label (§6)
 
     def _set_master(self, w_internal: torch.Tensor, bias: torch.Tensor | None) -> None:
         dev = self.device.torch_device  # type: ignore[attr-defined]
@@ -306,7 +307,7 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
                               f"{n} channels")
         return self._geom.input_channels
 
-    def output_feature_channels(self, source_channels: int) -> int:  # type: ignore[override]
+    def _result_feature_channels(self, source_channels: int) -> int:
         return self._geom.output_channels // (self._geom.sub_pixel ** 2)
 
     def _customize_descriptor(self, desc: MPSImageDescriptor, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> MPSImageDescriptor:
@@ -395,7 +396,7 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
         self._s_c_off, self._s_c_max = g.source_feature_channel_offset, self._geom.input_channels
         self._dst_c_off = 0
 
-    def output_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
+    def _result_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
         g = self._geom
         if primary_channels < g.output_channels:
             raise value_error(self._name(), "source_gradient.feature_channels", primary_channels, f"supply output_feature_channels={g.output_channels} channels")

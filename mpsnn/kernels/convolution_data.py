@@ -91,6 +91,18 @@ class MPSCNNConvolutionDescriptor:
     deprecated ``neuron`` are set, the descriptor wins (inferred).
     """
 
+    kernel_width: int
+    kernel_height: int
+    input_feature_channels: int
+    output_feature_channels: int
+    stride_in_pixels_x: int
+    stride_in_pixels_y: int
+    groups: int
+    dilation_rate_x: int
+    dilation_rate_y: int
+    fused_neuron_descriptor: MPSNNNeuronDescriptor
+    neuron: MPSCNNNeuron | None
+
     def __init__(self, kernel_width: int = 3, kernel_height: int = 3, input_feature_channels: int = 0,
                  output_feature_channels: int = 0, neuron_filter: MPSCNNNeuron | None = None) -> None:
         self.kernel_width = kernel_width
@@ -218,6 +230,8 @@ class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
     fill an r x r block of ``Cout/r^2`` channels; block index ``r·(y mod r) + (x mod r)`` is the
     slow index (TensorFlow ``depth_to_space`` order, not PyTorch ``pixel_shuffle``).
     """
+
+    sub_pixel_scale_factor: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -540,8 +554,8 @@ def fold_batch_norm(w: torch.Tensor, b: torch.Tensor | None, desc: MPSCNNConvolu
     bn = desc.batch_normalization_parameters
     if bn is None:
         return w, b
-    mean, var, gamma, beta, eps = (torch.as_tensor(v, dtype=torch.float32, device=w.device) if isinstance(v, np.ndarray) else v for v in bn)
-    scale = gamma / torch.sqrt(var + eps)
+    mean, var, gamma, beta = (torch.as_tensor(v, dtype=torch.float32, device=w.device) for v in bn[:4])
+    scale = gamma / torch.sqrt(var + bn[4])
     shift = beta - scale * mean
     w2 = w * scale.view(-1, *([1] * (w.dim() - 1)))
     b2 = shift if b is None else b * scale + shift

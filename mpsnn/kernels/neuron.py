@@ -319,7 +319,7 @@ class MPSCNNNeuronGradient(_NeuronParameters, MPSCNNGradientKernel):
             raise MPSTypeError("MPSCNNNeuronGradient: `neuron_descriptor` is required")
         self._set_neuron(neuron_descriptor)
 
-    def output_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
+    def _result_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
         if primary_channels != secondary_channels:
             raise value_error(self._name(), "source_gradient", f"{primary_channels} channels used",
                               f"match the {secondary_channels} channels used of source_image")
