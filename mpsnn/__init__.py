@@ -72,6 +72,7 @@ from .images.state import (
     MPSStateResourceList,
     MTLTextureDescriptor,
 )
+from .kernels.binary_convolution import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
 from .kernels.convolution import (
     MPSCNNConvolution,
     MPSCNNConvolutionGradient,
@@ -88,6 +89,7 @@ from .kernels.convolution_data import (
     MPSCNNDepthWiseConvolutionDescriptor,
     MPSCNNSubPixelConvolutionDescriptor,
 )
+from .kernels.convolution_transpose import MPSCNNConvolutionTranspose, MPSCNNConvolutionTransposeGradient
 from .kernels.neuron import (
     MPSCNNNeuron,
     MPSCNNNeuronAbsolute,
@@ -115,8 +117,10 @@ MPSStateBatch = list
 __all__ = [
     "ConvolutionDataSource",
     "Device",
+    "MPSCNNBinaryConvolution",
     "MPSCNNBinaryConvolutionFlags",
     "MPSCNNBinaryConvolutionType",
+    "MPSCNNBinaryFullyConnected",
     "MPSCNNBinaryKernel",
     "MPSCNNConvolution",
     "MPSCNNConvolutionDataSource",
@@ -125,6 +129,8 @@ __all__ = [
     "MPSCNNConvolutionGradient",
     "MPSCNNConvolutionGradientOption",
     "MPSCNNConvolutionGradientState",
+    "MPSCNNConvolutionTranspose",
+    "MPSCNNConvolutionTransposeGradient",
     "MPSCNNConvolutionTransposeGradientState",
     "MPSCNNConvolutionWeightsAndBiasesState",
     "MPSCNNConvolutionWeightsLayout",
