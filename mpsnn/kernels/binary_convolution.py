@@ -13,8 +13,9 @@ the edge mode *before* the input transform)::
     AND:           acc(o) = Σ [x'(f) >= 0]·bit(o)
     out(o) = acc(o)·scale[o]·β(x, y) + out_bias[o]  ->  the descriptor's neuron, last
 
-``β`` (only with ``useBetaScaling``): ``A = mean_c |x'|`` per source pixel and ``β`` = the
-mean of ``A`` over the kernel window of the output pixel (the same edge rule). The binarised
+``β`` (only with ``useBetaScaling``): ``A = mean_c |x'|`` per source pixel (an image of the
+source) and ``β`` = the mean of ``A`` over the kernel window of the output pixel, reading ``A``
+with the edge mode (0 off-image for ``zero``; inferred, convolution.md §15.2). The binarised
 sums are exact small integers; everything is computed in float32 (products of ±1 and 0/1
 through the same convolution engine as :class:`MPSCNNConvolution`).
 
@@ -165,7 +166,9 @@ class MPSCNNBinaryConvolution(MPSCNNKernel):
             xin = xp
         acc = F.conv2d(xin.permute(0, 3, 1, 2), self._w, None, (g.stride_y, g.stride_x))
         if self.flags & MPSCNNBinaryConvolutionFlags.useBetaScaling:
-            a = xp.abs().mean(dim=3, keepdim=True).permute(0, 3, 1, 2)
+            # A is a per-pixel image of the source; off-image pixels of A follow the edge mode
+            a_img = ((x + self._in_bias) * self._in_scale).abs().mean(dim=3, keepdim=True)
+            a = read_window(a_img, left, top, span_w, span_h, inp.edge_mode).permute(0, 3, 1, 2)
             beta = F.avg_pool2d(a, (g.kernel_height, g.kernel_width), (g.stride_y, g.stride_x))
             acc = acc * beta
         out = acc * self._out_scale.view(1, -1, 1, 1) + self._out_bias.view(1, -1, 1, 1)
