@@ -89,13 +89,55 @@ def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int,
     return xs, px, py, False
 
 
+_cudnn_out_usable: bool | None = None  # probed on first use: does cuDNN write into `out` here?
+
+
+def _cudnn_into(out: torch.Tensor, xs: torch.Tensor, w_oihw: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
+                groups: int, allow_tf32: bool) -> bool:
+    """Run the convolution with cuDNN writing straight into ``out`` (NCHW channels-last view
+    of the destination image): no result copy. False when this torch build cannot."""
+    global _cudnn_out_usable
+    if _cudnn_out_usable is False:
+        return False
+    op = getattr(torch.ops.aten, "cudnn_convolution", None)
+    if op is None or "out" not in op.overloads():
+        _cudnn_out_usable = False
+        return False
+    try:
+        op.out(xs, w_oihw, padding, stride, dilation, groups, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+               allow_tf32 and torch.backends.cudnn.allow_tf32, out=out)
+    except (RuntimeError, NotImplementedError):
+        if _cudnn_out_usable is None:  # not supported by this build: remember and fall back
+            _cudnn_out_usable = False
+            return False
+        raise
+    _cudnn_out_usable = True
+    return True
+
+
 def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, *, stride: tuple[int, int], dilation: tuple[int, int],
-                groups: int, left: int, top: int, out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool) -> torch.Tensor:
+                groups: int, left: int, top: int, out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Correlate NHWC ``x`` with OIHW weights for windows whose first taps are ``(left, top)``;
-    returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype."""
+    returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype.
+
+    ``out`` (optional, NHWC, contiguous, ``x``'s dtype): on CUDA cuDNN writes the result
+    directly into it when the plan needs no cropping; the returned tensor is then ``out``.
+    """
     winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
     winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
     xs, px, py, _ = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
+    if (out is not None and x.is_cuda and out.is_contiguous() and out.dtype == xs.dtype == w_oihw.dtype and px.skip == 0 and py.skip == 0
+            and out.shape == (x.shape[0], out_h, out_w, w_oihw.shape[0])
+            and (xs.shape[2] + 2 * py.pad - winy) // stride[1] + 1 == out_h and (xs.shape[3] + 2 * px.pad - winx) // stride[0] + 1 == out_w
+            and w_oihw.is_contiguous(memory_format=torch.channels_last)):
+        o = out.permute(0, 3, 1, 2)
+        with tf32(allow_tf32, x):
+            done = _cudnn_into(o, xs, w_oihw, [py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]], groups, allow_tf32)
+        if done:
+            if bias is not None:
+                o.add_(bias.view(1, -1, 1, 1))
+            return out
     with tf32(allow_tf32, x):
         y = F.conv2d(xs, w_oihw, bias, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)
     y = y[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w]

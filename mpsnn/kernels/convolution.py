@@ -75,7 +75,12 @@ from .neuron import MPSNNNeuronDescriptor
 
 def write_result(dest: MPSImage, region: Region, values: torch.Tensor) -> None:
     """Store ``values`` into ``dest``'s region; when the region is all of a fresh image that
-    mpsnn owns, adopt the tensor as its storage instead of copying (zero-copy results)."""
+    mpsnn owns, adopt the tensor as its storage instead of copying (zero-copy results).
+    Nothing to do when ``values`` already is the destination's region (written in place)."""
+    if dest.is_allocated:
+        view = dest.tensor[region.index()]
+        if values.data_ptr() == view.data_ptr() and values.shape == view.shape and values.stride() == view.stride():
+            return
     if (region.covers(dest) and dest.parent is None and not dest._wrapped and dest._storage is None
             and values.is_contiguous() and values.dtype == dest.dtype and values.shape == dest.shape
             and dest.feature_channel_format not in fm.UNORM_MAX and values.device == dest.device.torch_device):
@@ -328,9 +333,12 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             x = x.to(w.dtype)
         r = g.sub_pixel
         ow, oh = (region.width + r - 1) // r, (region.height + r - 1) // r
+        # an allocated destination the result fills exactly: let cuDNN write into it
+        direct = (r == 1 and dest.is_allocated and dest.dtype == w.dtype and dest.feature_channel_format not in fm.UNORM_MAX)
+        out = dest.tensor[region.index()] if direct else None
         y = conv_backend.conv2d_nhwc(x, w, b, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                      groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
-                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32())
+                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32(), out=out)
         p = self._neuron_params()
         if r > 1:
             if p is not None:
