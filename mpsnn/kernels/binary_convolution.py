@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import dispatch
+from ..backends.convolution import tf32
 from ..backends.torch_eager import NeuronParams
 from ..core.device import Device, MTLCommandBuffer
 from ..core.enums import MPSCNNBinaryConvolutionFlags, MPSCNNBinaryConvolutionType, MPSCNNNeuronType, MPSNNPaddingMethod
@@ -164,7 +165,8 @@ class MPSCNNBinaryConvolution(MPSCNNKernel):
             xin = (xp >= 0).float()
         else:
             xin = xp
-        acc = F.conv2d(xin.permute(0, 3, 1, 2), self._w, None, (g.stride_y, g.stride_x))
+        with tf32(False, xin):  # binaryWeights sums float products: no TF32 on CUDA
+            acc = F.conv2d(xin.permute(0, 3, 1, 2), self._w, None, (g.stride_y, g.stride_x))
         if self.flags & MPSCNNBinaryConvolutionFlags.useBetaScaling:
             # A is a per-pixel image of the source; off-image pixels of A follow the edge mode
             a_img = ((x + self._in_bias) * self._in_scale).abs().mean(dim=3, keepdim=True)

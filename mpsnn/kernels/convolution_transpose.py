@@ -127,7 +127,8 @@ class MPSCNNConvolutionTranspose(_ConvolutionWeights, MPSCNNKernel):
         st.kernel_offset = (self.kernel_offset_x, self.kernel_offset_y)  # type: ignore[attr-defined]
         return st
 
-    def encode(self, command_buffer: MTLCommandBuffer, source_image: MPSImage, destination_image: Any = None, *,  # type: ignore[override]
+    def encode(self, command_buffer: MTLCommandBuffer, source_image: MPSImage, destination_image: Any = None,  # type: ignore[override]
+               swift_destination_image: MPSImage | None = None, *,
                convolution_gradient_state: MPSCNNConvolutionGradientState | None = None, destination_state: MPSState | None = None,
                destination_state_is_temporary: bool | None = None) -> Any:
         """Encode forms of :class:`~mpsnn.MPSCNNKernel`, optionally sized by the paired
@@ -135,7 +136,9 @@ class MPSCNNConvolutionTranspose(_ConvolutionWeights, MPSCNNKernel):
         if _is_conv_state(destination_image):  # Swift order: (cb, source, convolutionGradientState[, destination])
             if convolution_gradient_state is not None:
                 raise MPSTypeError(f"{self._name()}: `convolution_gradient_state` was given twice")
-            convolution_gradient_state, destination_image = destination_image, None
+            convolution_gradient_state, destination_image = destination_image, swift_destination_image
+        elif swift_destination_image is not None:
+            raise MPSTypeError(f"{self._name()}: a fourth positional argument (destination image) needs the convolution gradient state third")
         if convolution_gradient_state is not None and not _is_conv_state(convolution_gradient_state):
             raise MPSTypeError(f"{self._name()}: `convolution_gradient_state` must be an MPSCNNConvolutionGradientState, but got {type(convolution_gradient_state).__name__}")
         self._conv_state = convolution_gradient_state
@@ -147,11 +150,12 @@ class MPSCNNConvolutionTranspose(_ConvolutionWeights, MPSCNNKernel):
         finally:
             self._conv_state = None
 
-    def encode_batch(self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], destination_images: Any = None, *,  # type: ignore[override]
+    def encode_batch(self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], destination_images: Any = None,  # type: ignore[override]
+                     swift_destination_images: Sequence[MPSImage] | None = None, *,
                      convolution_gradient_states: Sequence[MPSCNNConvolutionGradientState] | None = None,
                      destination_states: Sequence[MPSState] | None = None, destination_state_is_temporary: bool | None = None) -> Any:
         if destination_images is not None and destination_images and _is_conv_state(destination_images[0]):
-            convolution_gradient_states, destination_images = destination_images, None
+            convolution_gradient_states, destination_images = destination_images, swift_destination_images
         self._conv_state = convolution_gradient_states[0] if convolution_gradient_states else None
         try:
             if self._conv_state is not None and destination_images is not None and source_images:
