@@ -63,12 +63,21 @@ def plan_axis(start: int, count: int, stride: int, win: int, size: int) -> AxisP
     if hi <= lo:  # every tap is off the image
         return AxisPlan(0, 0, 0, 0, (end - start, 0))
     pl, pr = lo - start, end - hi
+    skip = 0
+    # Keep the slice a whole-image view where possible (a partial view makes cuDNN copy the
+    # input): read on to the image's end (torch then computes outputs past the ones needed,
+    # which are dropped), and start at 0 when the first window starts a whole number of
+    # strides in (those leading outputs are dropped too).
+    if pr == 0:
+        hi = size
+    if pl == 0 and start > 0 and start % stride == 0:
+        lo, skip = 0, start // stride
     if pl == pr:
-        return AxisPlan(lo, hi, pl, 0, (0, 0))
+        return AxisPlan(lo, hi, pl, skip, (0, 0))
     p = max(pl, pr)
     if (p - pl) % stride == 0:
-        return AxisPlan(lo, hi, p, (p - pl) // stride, (0, 0))
-    return AxisPlan(lo, hi, 0, 0, (pl, pr))
+        return AxisPlan(lo, hi, p, skip + (p - pl) // stride, (0, 0))
+    return AxisPlan(start if skip else lo, hi, 0, 0, (pl, pr))
 
 
 def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int, sy: int, winx: int, winy: int,
@@ -89,29 +98,32 @@ def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int,
     return xs, px, py, False
 
 
-_cudnn_out_usable: bool | None = None  # probed on first use: does cuDNN write into `out` here?
+#: per cuDNN op: None = not tried yet, True/False = whether it writes into `out` in this build
+_cudnn_out_usable: dict[str, bool] = {}
 
 
-def _cudnn_into(out: torch.Tensor, xs: torch.Tensor, w_oihw: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
-                groups: int, allow_tf32: bool) -> bool:
-    """Run the convolution with cuDNN writing straight into ``out`` (NCHW channels-last view
-    of the destination image): no result copy. False when this torch build cannot."""
-    global _cudnn_out_usable
-    if _cudnn_out_usable is False:
+def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
+    """Run ``aten.<name>.out(*args, benchmark, deterministic, allow_tf32, out=out)`` so that
+    cuDNN writes straight into ``out`` (an NCHW channels-last view of a destination image):
+    no result copy. ``args`` ends with the caller's ``allow_tf32``. False when this torch
+    build cannot (probed once per op, then the caller falls back to a copy)."""
+    state = _cudnn_out_usable.get(name)
+    if state is False:
         return False
-    op = getattr(torch.ops.aten, "cudnn_convolution", None)
+    op = getattr(torch.ops.aten, name, None)
     if op is None or "out" not in op.overloads():
-        _cudnn_out_usable = False
+        _cudnn_out_usable[name] = False
         return False
+    *rest, allow_tf32 = args
     try:
-        op.out(xs, w_oihw, padding, stride, dilation, groups, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-               allow_tf32 and torch.backends.cudnn.allow_tf32, out=out)
+        op.out(*rest, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+               bool(allow_tf32) and torch.backends.cudnn.allow_tf32, out=out)
     except (RuntimeError, NotImplementedError):
-        if _cudnn_out_usable is None:  # not supported by this build: remember and fall back
-            _cudnn_out_usable = False
+        if state is None:  # not supported by this build: remember and fall back
+            _cudnn_out_usable[name] = False
             return False
         raise
-    _cudnn_out_usable = True
+    _cudnn_out_usable[name] = True
     return True
 
 
@@ -133,7 +145,8 @@ def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None
             and w_oihw.is_contiguous(memory_format=torch.channels_last)):
         o = out.permute(0, 3, 1, 2)
         with tf32(allow_tf32, x):
-            done = _cudnn_into(o, xs, w_oihw, [py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]], groups, allow_tf32)
+            done = _cudnn_into("cudnn_convolution", o, xs, w_oihw, [py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]],
+                               groups, allow_tf32)
         if done:
             if bias is not None:
                 o.add_(bias.view(1, -1, 1, 1))
@@ -146,12 +159,15 @@ def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None
 
 def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int],
                          groups: int, left: int, top: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
-                         need_data: bool, need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                         need_data: bool, need_weights: bool, need_bias: bool,
+                         dx_out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`conv2d_nhwc` for the incoming gradient ``e`` ``[N, h, w, Cout]``.
 
     Returns ``(dx, dw, db)``: ``dx`` has ``x``'s shape (taps that fell off the image are
     dropped, also for edge mode clamp), ``dw`` is OIHW, ``db`` ``[Cout]``; parts not asked for
-    are None.
+    are None. ``dx_out`` (optional, NHWC contiguous, ``x``'s shape and dtype): on CUDA, when
+    the forward span is the whole image, cuDNN writes the data gradient straight into it (a
+    transposed convolution) and ``dx`` is ``dx_out``.
     """
     n, out_h, out_w, cout = e.shape
     winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
@@ -166,6 +182,25 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
         en = g
     elif not en.is_contiguous(memory_format=torch.channels_last):
         en = en.contiguous(memory_format=torch.channels_last)
+    whole = (not gathered and px.explicit == (0, 0) and py.explicit == (0, 0) and px.lo == 0 and py.lo == 0
+             and px.hi == x.shape[2] and py.hi == x.shape[1])
+    if (need_data and dx_out is not None and x.is_cuda and whole and dx_out.is_contiguous() and dx_out.shape == x.shape
+            and dx_out.dtype == w_oihw.dtype == en.dtype and w_oihw.is_contiguous(memory_format=torch.channels_last)):
+        # the adjoint of the forward correlation is a transposed convolution of the (full) gradient
+        op_y = xs.shape[2] + 2 * py.pad - ((full_h - 1) * stride[1] + winy)
+        op_x = xs.shape[3] + 2 * px.pad - ((full_w - 1) * stride[0] + winx)
+        if 0 <= op_y < max(stride[1], dilation[1]) and 0 <= op_x < max(stride[0], dilation[0]):
+            with tf32(allow_tf32, x):
+                done = _cudnn_into("cudnn_convolution_transpose", dx_out.permute(0, 3, 1, 2), en, w_oihw, [py.pad, px.pad], [op_y, op_x],
+                                   [stride[1], stride[0]], [dilation[1], dilation[0]], groups, allow_tf32)
+            if done:
+                gw = gb = None
+                if need_weights or need_bias:
+                    with tf32(allow_tf32, x):
+                        _, gw, gb = torch.ops.aten.convolution_backward(
+                            en, xs, w_oihw, [cout] if need_bias else None, [stride[1], stride[0]], [py.pad, px.pad],
+                            [dilation[1], dilation[0]], False, [0, 0], groups, [False, need_weights, need_bias])
+                return dx_out, gw if need_weights else None, gb if need_bias else None
     with tf32(allow_tf32, x):
         gi, gw, gb = torch.ops.aten.convolution_backward(
             en, xs, w_oihw, [cout] if need_bias else None, [stride[1], stride[0]], [py.pad, px.pad], [dilation[1], dilation[0]],

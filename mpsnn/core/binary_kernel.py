@@ -134,6 +134,11 @@ class MPSCNNBinaryKernel(MPSKernel):
                                   feature_channels=nout, number_of_images=prim.number_of_images)
         return self._finish_descriptor(desc, method, source_images, source_states)
 
+    def _apply_source_states(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState]) -> None:
+        """Let the source states set the kernel properties they carry, for the forms with an
+        explicit destination (the descriptor pipeline does it for the others)."""
+        self.destination_image_descriptor(source_images, source_states)
+
     def _input_geometry(self, which: str, image: MPSImage, region_x0: int, region_y0: int, channels: int) -> InputGeometry:
         if which == "primary":
             off, c0, stride, k, d, edge = self._p_offset, self._p_c_off, self._p_stride, self._primary_kernel, self._primary_dilation, self._p_edge
@@ -219,7 +224,7 @@ class MPSCNNBinaryKernel(MPSKernel):
                 raise MPSValueError(f"{self._name()}: `destination_state_is_temporary` goes with the forms that return the result")
             if states:
                 # the explicit form still takes the geometry the states carry
-                self.destination_image_descriptor([prim, sec], states)
+                self._apply_source_states([prim, sec], states)
             self._encode_checked(cb, prim, sec, destination, destination_state)
             _consume([prim, sec, *states])
             return None
@@ -248,7 +253,7 @@ class MPSCNNBinaryKernel(MPSKernel):
                 raise value_error(self._name(), "destination_images", f"{len(destinations)} images", f"match the {n} sources")
             for k in range(n):
                 if sts:
-                    self.destination_image_descriptor([prims[k], secs[k]], [sts[k]])
+                    self._apply_source_states([prims[k], secs[k]], [sts[k]])
                 for other in prims + secs:
                     self._check_no_alias(destinations[k], other)
                 self._encode_checked(cb, prims[k], secs[k], destinations[k], destination_states[k] if destination_states else None)
@@ -379,12 +384,24 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
     def destination_image_descriptor(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None = None) -> MPSImageDescriptor:
         # Take the forward geometry *before* the base class checks channel counts: those
         # checks depend on the channel windows the gradient state carries.
+        self._take_gradient_states(source_images, source_states)
+        return super().destination_image_descriptor(source_images, source_states)
+
+    def _take_gradient_states(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None) -> bool:
+        """Adopt the forward geometry of the gradient states; True when one was found."""
+        found = False
         for st in source_states or []:
             if isinstance(st, MPSNNGradientState):
                 self._gradient_state = st
                 self.apply_forward_geometry(st.geometry)
                 self._check_forward_batch(st.geometry, source_images)
-        return super().destination_image_descriptor(source_images, source_states)
+                found = True
+        return found
+
+    def _apply_source_states(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState]) -> None:
+        # a gradient state carries everything the explicit form needs: skip the descriptors
+        if not self._take_gradient_states(source_images, source_states):
+            super()._apply_source_states(source_images, source_states)
 
     def _check_forward_batch(self, g: ForwardGeometry, source_images: Sequence[MPSImage]) -> None:
         """Gradient kernels map result image n to incoming-gradient image n: refuse a forward

@@ -176,10 +176,10 @@ class MTLCommandBuffer:
     def encoding(self, owner: str) -> Iterator[None]:
         """Context in which a kernel enqueues its work (selects the command buffer's stream)."""
         self.check_encodable(owner)
-        if self.stream is not None:
+        if self.stream is not None and torch.cuda.current_stream(self.device.torch_device) != self.stream:
             with torch.cuda.stream(self.stream):
                 yield
-        else:
+        else:  # CPU, or the command buffer's stream is already current: nothing to switch
             yield
 
     def keep_alive(self, obj: Any) -> None:

@@ -470,18 +470,20 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
         need_w = bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
         kwd = (g.kernel_width - 1) * g.dilation_x + 1
         khd = (g.kernel_height - 1) * g.dilation_y + 1
-        dx, dw, db = self._backward(e, x, w, f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1), f.edge_mode, need_data, need_w)
+        direct = need_data and dest.is_allocated and dest.dtype == w.dtype and region.covers(dest)
+        dx_out = dest.tensor if direct else None
+        dx, dw, db = self._backward(e, x, w, f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1), f.edge_mode, need_data, need_w, dx_out)
         if need_w:
             self._store_weight_gradients(st, dw, db)
         if need_data:
             assert dx is not None
             write_result(dest, region, dx)
 
-    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w, dx_out=None):  # type: ignore[no-untyped-def]
         g = self._geom
         return conv_backend.conv2d_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                  groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
-                                                 need_data=need_data, need_weights=need_w, need_bias=need_w)
+                                                 need_data=need_data, need_weights=need_w, need_bias=need_w, dx_out=dx_out)
 
     def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
         gw, gb = st._buffers()
@@ -555,7 +557,7 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
             raise value_error(self._name(), "source_image", f"{sec.width}x{sec.height}", f"match the kernel size {self._geom.kernel_width}x{self._geom.kernel_height}")
         return e, x
 
-    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w, dx_out=None):  # type: ignore[no-untyped-def]
         dx, dw, db = conv_backend.fully_connected_backward_nhwc(e, x, w.permute(0, 2, 3, 1), self._allow_tf32(), need_data, need_w, need_w)
         return dx, (dw.permute(0, 3, 1, 2) if dw is not None else None), db
 
