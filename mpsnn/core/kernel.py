@@ -22,7 +22,6 @@ numerics (through ``mpsnn.backends``). Encoding never synchronises the host with
 from __future__ import annotations
 
 import copy as _copy
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
@@ -37,24 +36,20 @@ ULONG_MAX = (1 << 64) - 1
 _DEFAULT_PADDING = int(MPSNNPaddingMethod.alignCentered | MPSNNPaddingMethod.addRemainderToTopLeft | MPSNNPaddingMethod.sizeSame)
 
 
-@dataclass(frozen=True)
 class InputGeometry:
     """Where one input of an encode is read: images, channels and the source coordinate of
-    the window centre of the first destination pixel written."""
+    the window centre of the first destination pixel written. One is made per encode, so it
+    is a plain slotted record (cheaper to build than a frozen dataclass)."""
 
-    n0: int              # first source image
-    c0: int              # first source channel
-    channels: int        # Nin
-    cx0: int             # window centre x for destination x = region.x0
-    cy0: int
-    stride_x: int
-    stride_y: int
-    kernel_width: int
-    kernel_height: int
-    dilation_x: int
-    dilation_y: int
-    edge_mode: MPSImageEdgeMode
-    bounds: tuple[int, int, int, int] | None = None
+    __slots__ = ("n0", "c0", "channels", "cx0", "cy0", "stride_x", "stride_y", "kernel_width", "kernel_height",
+                 "dilation_x", "dilation_y", "edge_mode", "bounds")
+
+    def __init__(self, n0: int, c0: int, channels: int, cx0: int, cy0: int, stride_x: int, stride_y: int,
+                 kernel_width: int, kernel_height: int, dilation_x: int, dilation_y: int, edge_mode: MPSImageEdgeMode,
+                 bounds: tuple[int, int, int, int] | None = None) -> None:
+        self.n0, self.c0, self.channels, self.cx0, self.cy0 = n0, c0, channels, cx0, cy0
+        self.stride_x, self.stride_y, self.kernel_width, self.kernel_height = stride_x, stride_y, kernel_width, kernel_height
+        self.dilation_x, self.dilation_y, self.edge_mode, self.bounds = dilation_x, dilation_y, edge_mode, bounds
 
     @property
     def window_left(self) -> int:
@@ -64,19 +59,18 @@ class InputGeometry:
     def window_top(self) -> int:
         return self.cy0 - (((self.kernel_height - 1) * self.dilation_y + 1) >> 1)
 
+    def __repr__(self) -> str:
+        return "InputGeometry(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
-@dataclass(frozen=True)
+
 class Region:
-    """The part of the destination an encode writes."""
+    """The part of the destination an encode writes (a plain slotted record)."""
 
-    n0: int
-    count: int
-    x0: int
-    y0: int
-    width: int
-    height: int
-    c0: int
-    channels: int
+    __slots__ = ("n0", "count", "x0", "y0", "width", "height", "c0", "channels")
+
+    def __init__(self, n0: int, count: int, x0: int, y0: int, width: int, height: int, c0: int, channels: int) -> None:
+        self.n0, self.count, self.x0, self.y0 = n0, count, x0, y0
+        self.width, self.height, self.c0, self.channels = width, height, c0, channels
 
     def index(self) -> tuple[slice, slice, slice, slice]:
         return (slice(self.n0, self.n0 + self.count), slice(self.y0, self.y0 + self.height),
@@ -86,6 +80,14 @@ class Region:
         return (self.n0 == 0 and self.count == image.number_of_images and self.x0 == 0 and self.y0 == 0
                 and self.width == image.width and self.height == image.height and self.c0 == 0
                 and self.channels == image.feature_channels)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Region) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Region(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 def _check_multiple_of_4(owner: str, name: str, value: Any) -> int:

@@ -352,7 +352,8 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             if not y.is_contiguous():
                 y = y.contiguous()
             dispatch.neuron_forward(y, y, p)
-        write_result(dest, region, y)
+        if y is not out:  # else cuDNN wrote into the destination already
+            write_result(dest, region, y)
 
 
 class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
@@ -475,7 +476,7 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
         dx, dw, db = self._backward(e, x, w, f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1), f.edge_mode, need_data, need_w, dx_out)
         if need_w:
             self._store_weight_gradients(st, dw, db)
-        if need_data:
+        if need_data and dx is not dx_out:  # else cuDNN wrote into the destination already
             assert dx is not None
             write_result(dest, region, dx)
 
