@@ -488,16 +488,17 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
 
     def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
         gw, gb = st._buffers()
-        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1)).to(torch.float32)
+        # copy_ / add_ convert to the float32 buffers in the same kernel (no separate casts)
+        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
         first = self._accumulating is None or id(st) not in self._accumulating
         if first:
             gw.copy_(dw.reshape(gw.shape))
-            gb.copy_(db.to(torch.float32))
+            gb.copy_(db)
             if self._accumulating is not None:
                 self._accumulating.add(id(st))
         else:
             gw.add_(dw.reshape(gw.shape))
-            gb.add_(db.to(torch.float32))
+            gb.add_(db)
 
 
 class MPSCNNFullyConnected(MPSCNNConvolution):
