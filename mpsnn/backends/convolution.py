@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,7 @@ def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int,
 
 #: per cuDNN op: None = not tried yet, True/False = whether it writes into `out` in this build
 _cudnn_out_usable: dict[str, bool] = {}
+_cudnn_out_ops: dict[str, Any] = {}
 
 
 def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
@@ -110,14 +111,17 @@ def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
     state = _cudnn_out_usable.get(name)
     if state is False:
         return False
-    op = getattr(torch.ops.aten, name, None)
-    if op is None or "out" not in op.overloads():
-        _cudnn_out_usable[name] = False
-        return False
+    op = _cudnn_out_ops.get(name)
+    if op is None:
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is None or "out" not in packet.overloads():
+            _cudnn_out_usable[name] = False
+            return False
+        op = _cudnn_out_ops[name] = packet.out
     *rest, allow_tf32 = args
+    cudnn = torch.backends.cudnn
     try:
-        op.out(*rest, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-               bool(allow_tf32) and torch.backends.cudnn.allow_tf32, out=out)
+        op(*rest, cudnn.benchmark, cudnn.deterministic, bool(allow_tf32) and cudnn.allow_tf32, out=out)
     except (RuntimeError, NotImplementedError):
         if state is None:  # not supported by this build: remember and fall back
             _cudnn_out_usable[name] = False
