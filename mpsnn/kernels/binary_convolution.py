@@ -42,7 +42,7 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..images.image import MPSImage
 from ..images.state import MPSState
-from .convolution import write_result
+from .convolution import WholeImageWindow, require_input_channels, write_result
 from .convolution_data import _float_array, load_weights
 
 
@@ -128,11 +128,7 @@ class MPSCNNBinaryConvolution(MPSCNNKernel):
         return self._geom.output_channels
 
     def source_channels_used(self, source: MPSImage) -> int:
-        n = MPSCNNKernel.source_channels_used(self, source)
-        if n < self._geom.input_channels:
-            raise value_error(self._name(), "source_image.feature_channels", source.feature_channels,
-                              f"supply input_feature_channels={self._geom.input_channels} channels", f"{n} channels")
-        return self._geom.input_channels
+        return require_input_channels(self, source, self._geom.input_channels)
 
     def _result_feature_channels(self, source_channels: int) -> int:
         return self._geom.output_channels
@@ -181,23 +177,10 @@ class MPSCNNBinaryConvolution(MPSCNNKernel):
         write_result(dest, region, y.to(dest.dtype) if dest.dtype != y.dtype else y)
 
 
-class MPSCNNBinaryFullyConnected(MPSCNNBinaryConvolution):
+class MPSCNNBinaryFullyConnected(WholeImageWindow, MPSCNNBinaryConvolution):
     """``MPSCNNBinaryFullyConnected``: the binary convolution with the window covering the
     whole source and a ``1 x 1 x Cout`` result (``offset`` is not used). The bit layout is
     ``[Cout][kH][kW][ceil(Cin/32)]`` with ``kW``/``kH`` the source width/height."""
-
-    def _check_source_size(self, src: MPSImage) -> None:
-        g = self._geom
-        if (src.width, src.height) != (g.kernel_width, g.kernel_height):
-            raise value_error(self._name(), "source_image", f"{src.width}x{src.height}",
-                              f"match the kernel size {g.kernel_width}x{g.kernel_height}")
-
-    def destination_image_descriptor(self, source_images, source_states=None):  # type: ignore[no-untyped-def]
-        imgs = [source_images] if isinstance(source_images, MPSImage) else source_images
-        self._check_source_size(imgs[0])
-        desc = super().destination_image_descriptor(imgs, source_states)
-        desc.width, desc.height = 1, 1
-        return desc
 
     def _window(self, inp: InputGeometry, region: Region) -> tuple[int, int]:
         return 0, 0

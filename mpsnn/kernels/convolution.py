@@ -93,6 +93,37 @@ def write_result(dest: MPSImage, region: Region, values: torch.Tensor) -> None:
     dest.store(values, region.index())
 
 
+def require_input_channels(kernel: Any, source: MPSImage, input_channels: int) -> int:
+    """``Nin`` for kernels with a fixed input channel count: the source must supply at least
+    ``input_channels`` channels from ``source_feature_channel_offset``."""
+    n = MPSCNNKernel.source_channels_used(kernel, source)
+    if n < input_channels:
+        raise value_error(kernel._name(), "source_image.feature_channels", source.feature_channels,
+                          f"supply input_feature_channels={input_channels} channels from source_feature_channel_offset={kernel.source_feature_channel_offset}",
+                          f"{n} channels")
+    return input_channels
+
+
+class WholeImageWindow:
+    """Mixin of the fully-connected kinds: the window is the whole source image (its size must
+    equal the kernel size) and the result is 1 x 1."""
+
+    _geom: ConvolutionGeometry
+
+    def _check_source_size(self, src: MPSImage) -> None:
+        g = self._geom
+        if (src.width, src.height) != (g.kernel_width, g.kernel_height):
+            raise value_error(self._name(), "source_image", f"{src.width}x{src.height}",  # type: ignore[attr-defined]
+                              f"match the kernel size {g.kernel_width}x{g.kernel_height} (kernel_width x kernel_height)")
+
+    def destination_image_descriptor(self, source_images, source_states=None):  # type: ignore[no-untyped-def]
+        imgs = [source_images] if isinstance(source_images, MPSImage) else source_images
+        self._check_source_size(imgs[0])
+        desc = super().destination_image_descriptor(imgs, source_states)  # type: ignore[misc]
+        desc.width, desc.height = 1, 1
+        return desc
+
+
 class _ConvolutionWeights:
     """Weight handling shared by every convolution-family kernel: load from the data source,
     float32 master tensors, per-dtype compute tensors, reload and export."""
@@ -307,12 +338,7 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
         return True
 
     def source_channels_used(self, source: MPSImage) -> int:
-        n = MPSCNNKernel.source_channels_used(self, source)
-        if n < self._geom.input_channels:
-            raise value_error(self._name(), "source_image.feature_channels", source.feature_channels,
-                              f"supply input_feature_channels={self._geom.input_channels} channels from source_feature_channel_offset={self.source_feature_channel_offset}",
-                              f"{n} channels")
-        return self._geom.input_channels
+        return require_input_channels(self, source, self._geom.input_channels)
 
     def _result_feature_channels(self, source_channels: int) -> int:
         return self._geom.output_channels // (self._geom.sub_pixel ** 2)
@@ -356,39 +382,21 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             write_result(dest, region, y)
 
 
-class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
-    """``MPSCNNConvolutionGradient``: gradients of a convolution with respect to its source
-    (the result image) and to its weights and biases (written into the gradient state).
-
-    Args:
-        device: the device (positional, first).
-        weights: the forward convolution's data source.
-
-    Properties: ``gradient_option`` (rw, default ``all``), ``source_gradient_feature_channels``
-    (= Cout), ``source_image_feature_channels`` (= Cin), ``groups``, ``channel_multiplier``,
-    ``data_source``, ``serialize_weights_and_biases`` (deprecated, no effect).
-
-    Encode: ``encode(cb, source_gradient, source_image, gradient_state[, destination_gradient])``
-    with the forward ``MPSCNNConvolutionGradientState``; ``encode_batch`` sums the weight and
-    bias gradients over the batch.
-    """
+class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
+    """What the convolution-family gradient kernels share: the weights, the forward geometry
+    from the gradient state, the channel rules, the incoming-gradient window and storing dW/db
+    into the state (overwritten by ``encode``, summed over the batch by ``encode_batch``)."""
 
     _kind = "regular"
+    _state_class: type = MPSCNNConvolutionGradientState
+    _forward_name = "convolution"
 
     def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None) -> None:
         MPSCNNGradientKernel.__init__(self, device)
         if weights is None:
-            raise MPSTypeError(f"{type(self).__name__}: `weights` (the forward convolution's data source) is required")
+            raise MPSTypeError(f"{type(self).__name__}: `weights` (the forward {self._forward_name}'s data source) is required")
         self._init_weights(weights, self._kind)
-        if self._geom.sub_pixel > 1:
-            raise value_error(type(self).__name__, "descriptor.sub_pixel_scale_factor", self._geom.sub_pixel, "be 1: sub-pixel convolutions have no gradient")
-        g = self._geom
-        self._primary_kernel = (1, 1)
-        self._secondary_kernel = (g.kernel_width, g.kernel_height)
-        self._secondary_dilation = (g.dilation_x, g.dilation_y)
-        self._s_stride = [g.stride_x, g.stride_y]
         self.gradient_option = MPSCNNConvolutionGradientOption.all
-        self.serialize_weights_and_biases = False
         self.accumulator_precision_option = MPSNNConvolutionAccumulatorPrecisionOption.float
         self._is_state_modified = True
         self._accumulating: set[int] | None = None
@@ -415,15 +423,17 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
             raise value_error(self._name(), "source_image.feature_channels", secondary_channels, f"supply input_feature_channels={g.input_channels} channels")
         return g.input_channels
 
+    def _check_state_type(self, name: str, state: Any) -> None:
+        if not isinstance(state, self._state_class):
+            raise MPSTypeError(f"{self._name()}: `{name}` must be the {self._state_class.__name__} of the forward encode, but got {type(state).__name__}")
+
     def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def, override]
-        if not isinstance(gradient_state, MPSCNNConvolutionGradientState):
-            raise MPSTypeError(f"{self._name()}: `gradient_state` must be the MPSCNNConvolutionGradientState of the forward encode, but got {type(gradient_state).__name__}")
+        self._check_state_type("gradient_state", gradient_state)
         return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
 
     def encode_batch(self, command_buffer, source_gradients, source_images, gradient_states, destination_gradients=None):  # type: ignore[no-untyped-def, override]
         for k, s in enumerate(gradient_states or [None]):
-            if not isinstance(s, MPSCNNConvolutionGradientState):
-                raise MPSTypeError(f"{self._name()}: `gradient_states[{k}]` must be an MPSCNNConvolutionGradientState, but got {type(s).__name__}")
+            self._check_state_type(f"gradient_states[{k}]", s)
         self._accumulating = set()
         try:
             return super().encode_batch(command_buffer, source_gradients, source_images, gradient_states, destination_gradients)
@@ -433,42 +443,95 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
     def _prepare_new_destination(self, cb, prim, sec, dest):  # type: ignore[no-untyped-def]
         """Nothing to do: the result is written in full (zeros where the forward pass read nothing)."""
 
-    def _gradient_inputs(self, prim: MPSImage, sec: MPSImage, region: Region, pg: InputGeometry, sg: InputGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self._forward
-        if f is None:
-            raise MPSValueError(f"{self._name()}: the forward geometry is missing: pass the forward convolution's gradient state")
+    def _checked_forward(self, dest: MPSImage, sec: MPSImage) -> tuple[ForwardGeometry, MPSCNNConvolutionGradientState]:
+        f, st = self._forward, self._gradient_state
+        if f is None or not isinstance(st, self._state_class):
+            raise MPSValueError(f"{self._name()}: `gradient_state` must come from the forward {self._forward_name}'s encode")
+        if (dest.width, dest.height) != (sec.width, sec.height):
+            raise value_error(self._name(), "destination_gradient", f"{dest.width}x{dest.height}",
+                              f"have the forward source's size {sec.width}x{sec.height}")
+        return f, st  # type: ignore[return-value]
+
+    def _incoming_gradient(self, prim: MPSImage, pg: InputGeometry, count: int, f: ForwardGeometry) -> tuple[torch.Tensor, int, int]:
+        """``E``: the incoming gradient over the forward output region, read at the forward clip
+        origin when ``prim`` has the forward destination's size, else from (0, 0) (an
+        "unpadded E", convolution.md §11.4). Also returns the region's origin in the forward
+        destination."""
         clip = f.clip_rect
         fx0, fy0 = min(clip.origin.x, f.destination_width), min(clip.origin.y, f.destination_height)
         ew = max(0, min(clip.origin.x + clip.size.width, f.destination_width) - fx0)
         eh = max(0, min(clip.origin.y + clip.size.height, f.destination_height) - fy0)
-        if self._geom.sub_pixel > 1:
-            raise value_error(self._name(), "forward", "sub-pixel", "be a regular, grouped or depthwise convolution")
         ex, ey = (fx0, fy0) if (prim.width, prim.height) == (f.destination_width, f.destination_height) else (0, 0)
         if ex + ew > prim.width or ey + eh > prim.height:
             raise value_error(self._name(), "source_gradient", f"{prim.width}x{prim.height}",
                               f"cover the forward output region {ew}x{eh} at ({ex}, {ey})")
-        e = prim.tensor[pg.n0:pg.n0 + region.count, ey:ey + eh, ex:ex + ew, pg.c0:pg.c0 + self._geom.output_channels]
+        return prim.tensor[pg.n0:pg.n0 + count, ey:ey + eh, ex:ex + ew, pg.c0:pg.c0 + self._geom.output_channels], fx0, fy0
+
+    def _needs(self) -> tuple[bool, bool]:
+        opt = MPSCNNConvolutionGradientOption(self.gradient_option)
+        return bool(opt & MPSCNNConvolutionGradientOption.gradientWithData), bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
+
+    def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
+        gw, gb = st._buffers()
+        # copy_ / add_ convert to the float32 buffers in the same kernel (no separate casts)
+        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
+        first = self._accumulating is None or id(st) not in self._accumulating
+        if first:
+            gw.copy_(dw.reshape(gw.shape))
+            gb.copy_(db)
+            if self._accumulating is not None:
+                self._accumulating.add(id(st))
+        else:
+            gw.add_(dw.reshape(gw.shape))
+            gb.add_(db)
+
+
+class MPSCNNConvolutionGradient(ConvolutionGradientBase):
+    """``MPSCNNConvolutionGradient``: gradients of a convolution with respect to its source
+    (the result image) and to its weights and biases (written into the gradient state).
+
+    Args:
+        device: the device (positional, first).
+        weights: the forward convolution's data source.
+
+    Properties: ``gradient_option`` (rw, default ``all``), ``source_gradient_feature_channels``
+    (= Cout), ``source_image_feature_channels`` (= Cin), ``groups``, ``channel_multiplier``,
+    ``data_source``, ``serialize_weights_and_biases`` (deprecated, no effect).
+
+    Encode: ``encode(cb, source_gradient, source_image, gradient_state[, destination_gradient])``
+    with the forward ``MPSCNNConvolutionGradientState``; ``encode_batch`` sums the weight and
+    bias gradients over the batch.
+    """
+
+    _kind = "regular"
+
+    def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None) -> None:
+        super().__init__(device, weights)
+        if self._geom.sub_pixel > 1:
+            raise value_error(type(self).__name__, "descriptor.sub_pixel_scale_factor", self._geom.sub_pixel, "be 1: sub-pixel convolutions have no gradient")
+        g = self._geom
+        self._primary_kernel = (1, 1)
+        self._secondary_kernel = (g.kernel_width, g.kernel_height)
+        self._secondary_dilation = (g.dilation_x, g.dilation_y)
+        self._s_stride = [g.stride_x, g.stride_y]
+        self.serialize_weights_and_biases = False
+
+    def _gradient_inputs(self, prim: MPSImage, sec: MPSImage, region: Region, pg: InputGeometry, sg: InputGeometry,
+                         f: ForwardGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        e, _, _ = self._incoming_gradient(prim, pg, region.count, f)
         x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + self._geom.input_channels]
         return e, x
 
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
-        f = self._forward
-        st = self._gradient_state
-        if f is None or not isinstance(st, MPSCNNConvolutionGradientState):
-            raise MPSValueError(f"{self._name()}: `gradient_state` must come from the forward convolution's encode")
-        if (dest.width, dest.height) != (sec.width, sec.height):
-            raise value_error(self._name(), "destination_gradient", f"{dest.width}x{dest.height}",
-                              f"have the forward source's size {sec.width}x{sec.height}")
+        f, st = self._checked_forward(dest, sec)
         g = self._geom
-        e, x = self._gradient_inputs(prim, sec, region, pg, sg)
+        e, x = self._gradient_inputs(prim, sec, region, pg, sg, f)
         w, _ = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=False)
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
         if e.dtype != w.dtype:
             e = e.to(w.dtype)
-        opt = MPSCNNConvolutionGradientOption(self.gradient_option)
-        need_data = bool(opt & MPSCNNConvolutionGradientOption.gradientWithData)
-        need_w = bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
+        need_data, need_w = self._needs()
         kwd = (g.kernel_width - 1) * g.dilation_x + 1
         khd = (g.kernel_height - 1) * g.dilation_y + 1
         direct = need_data and dest.is_allocated and dest.dtype == w.dtype and region.covers(dest)
@@ -486,22 +549,8 @@ class MPSCNNConvolutionGradient(_ConvolutionWeights, MPSCNNGradientKernel):
                                                  groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
                                                  need_data=need_data, need_weights=need_w, need_bias=need_w, dx_out=dx_out)
 
-    def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
-        gw, gb = st._buffers()
-        # copy_ / add_ convert to the float32 buffers in the same kernel (no separate casts)
-        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
-        first = self._accumulating is None or id(st) not in self._accumulating
-        if first:
-            gw.copy_(dw.reshape(gw.shape))
-            gb.copy_(db)
-            if self._accumulating is not None:
-                self._accumulating.add(id(st))
-        else:
-            gw.add_(dw.reshape(gw.shape))
-            gb.add_(db)
 
-
-class MPSCNNFullyConnected(MPSCNNConvolution):
+class MPSCNNFullyConnected(WholeImageWindow, MPSCNNConvolution):
     """``MPSCNNFullyConnected``: every value of each whole source image connects to every
     output channel; the result is ``1 x 1 x Cout`` per image.
 
@@ -518,19 +567,6 @@ class MPSCNNFullyConnected(MPSCNNConvolution):
         g = self._geom
         if g.stride_x != 1 or g.stride_y != 1 or g.groups != 1 or g.dilation_x != 1 or g.dilation_y != 1:
             raise value_error(type(self).__name__, "descriptor", g, "have strides, dilation and groups of 1")
-
-    def _check_source_size(self, src: MPSImage) -> None:
-        g = self._geom
-        if (src.width, src.height) != (g.kernel_width, g.kernel_height):
-            raise value_error(self._name(), "source_image", f"{src.width}x{src.height}",
-                              f"match the kernel size {g.kernel_width}x{g.kernel_height} (kernel_width x kernel_height)")
-
-    def destination_image_descriptor(self, source_images, source_states=None):  # type: ignore[no-untyped-def]
-        imgs = [source_images] if isinstance(source_images, MPSImage) else source_images
-        self._check_source_size(imgs[0])
-        desc = super().destination_image_descriptor(imgs, source_states)
-        desc.width, desc.height = 1, 1
-        return desc
 
     def _encode_region(self, cb, src, inp, dest, region, state):  # type: ignore[no-untyped-def]
         self._check_source_size(src)
@@ -552,7 +588,7 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
 
     _kind = "fully_connected"
 
-    def _gradient_inputs(self, prim, sec, region, pg, sg):  # type: ignore[no-untyped-def]
+    def _gradient_inputs(self, prim, sec, region, pg, sg, f):  # type: ignore[no-untyped-def]
         e = prim.tensor[pg.n0:pg.n0 + region.count, 0:1, 0:1, pg.c0:pg.c0 + self._geom.output_channels]
         x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + self._geom.input_channels]
         if (sec.width, sec.height) != (self._geom.kernel_width, self._geom.kernel_height):

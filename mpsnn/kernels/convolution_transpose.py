@@ -32,15 +32,14 @@ import torch
 
 from ..backends import convolution as conv_backend
 from ..backends import dispatch
-from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
-from ..core.enums import MPSCNNConvolutionGradientOption, MPSNNConvolutionAccumulatorPrecisionOption
-from ..core.errors import MPSTypeError, MPSValueError, value_error
+from ..core.enums import MPSNNConvolutionAccumulatorPrecisionOption
+from ..core.errors import MPSTypeError
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.structs import MPSOffset
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import MPSState
-from .convolution import _ConvolutionWeights, write_result
+from .convolution import ConvolutionGradientBase, _ConvolutionWeights, require_input_channels, write_result
 from .convolution_data import (
     MPSCNNConvolutionDataSource,
     MPSCNNConvolutionGradientState,
@@ -90,11 +89,7 @@ class MPSCNNConvolutionTranspose(_ConvolutionWeights, MPSCNNKernel):
         return True
 
     def source_channels_used(self, source: MPSImage) -> int:
-        n = MPSCNNKernel.source_channels_used(self, source)
-        if n < self._geom.input_channels:
-            raise value_error(self._name(), "source_image.feature_channels", source.feature_channels,
-                              f"supply input_feature_channels={self._geom.input_channels} channels", f"{n} channels")
-        return self._geom.input_channels
+        return require_input_channels(self, source, self._geom.input_channels)
 
     def _result_feature_channels(self, source_channels: int) -> int:
         return self._geom.output_channels
@@ -184,10 +179,10 @@ class MPSCNNConvolutionTranspose(_ConvolutionWeights, MPSCNNKernel):
         write_result(dest, region, y)
 
 
-class MPSCNNConvolutionTransposeGradient(_ConvolutionWeights, MPSCNNGradientKernel):
+class MPSCNNConvolutionTransposeGradient(ConvolutionGradientBase):
     """``MPSCNNConvolutionTransposeGradient``: gradients of a transposed convolution with
     respect to its source (the result) and to its weights and biases (into the
-    ``MPSCNNConvolutionTransposeGradientState``).
+    ``MPSCNNConvolutionTransposeGradientState``; summed over the batch by ``encode_batch``).
 
     Args:
         device: the device (positional, first).
@@ -199,77 +194,27 @@ class MPSCNNConvolutionTransposeGradient(_ConvolutionWeights, MPSCNNGradientKern
     """
 
     _kind = "transpose"
-
-    def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None) -> None:
-        MPSCNNGradientKernel.__init__(self, device)
-        if weights is None:
-            raise MPSTypeError(f"{type(self).__name__}: `weights` (the forward transpose's data source) is required")
-        self._init_weights(weights, "transpose")
-        self.gradient_option = MPSCNNConvolutionGradientOption.all
-        self.accumulator_precision_option = MPSNNConvolutionAccumulatorPrecisionOption.float
-        self._is_state_modified = True
-
-    @property
-    def source_gradient_feature_channels(self) -> int:
-        return self._geom.output_channels
-
-    @property
-    def source_image_feature_channels(self) -> int:
-        return self._geom.input_channels
-
-    def apply_forward_geometry(self, g: Any) -> None:
-        self._forward = g
-        self._p_c_off, self._p_c_max = g.destination_feature_channel_offset, self._geom.output_channels
-        self._s_c_off, self._s_c_max = g.source_feature_channel_offset, self._geom.input_channels
-        self._dst_c_off = 0
-
-    def _result_feature_channels(self, primary_channels: int, secondary_channels: int) -> int:
-        g = self._geom
-        if primary_channels < g.output_channels:
-            raise value_error(self._name(), "source_gradient.feature_channels", primary_channels, f"supply {g.output_channels} channels")
-        if secondary_channels < g.input_channels:
-            raise value_error(self._name(), "source_image.feature_channels", secondary_channels, f"supply {g.input_channels} channels")
-        return g.input_channels
-
-    def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def, override]
-        if not isinstance(gradient_state, MPSCNNConvolutionTransposeGradientState):
-            raise MPSTypeError(f"{self._name()}: `gradient_state` must be the MPSCNNConvolutionTransposeGradientState of the forward encode, but got {type(gradient_state).__name__}")
-        return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
-
-    def _prepare_new_destination(self, cb, prim, sec, dest):  # type: ignore[no-untyped-def]
-        """Nothing to do: the result is written in full."""
+    _state_class = MPSCNNConvolutionTransposeGradientState
+    _forward_name = "transpose"
 
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
-        f, st = self._forward, self._gradient_state
-        if f is None or not isinstance(st, MPSCNNConvolutionTransposeGradientState):
-            raise MPSValueError(f"{self._name()}: `gradient_state` must come from the forward transpose's encode")
-        if (dest.width, dest.height) != (sec.width, sec.height):
-            raise value_error(self._name(), "destination_gradient", f"{dest.width}x{dest.height}", f"have the transpose source's size {sec.width}x{sec.height}")
+        f, st = self._checked_forward(dest, sec)
         g = self._geom
-        clip = f.clip_rect
-        fx0, fy0 = min(clip.origin.x, f.destination_width), min(clip.origin.y, f.destination_height)
-        ew = max(0, min(clip.origin.x + clip.size.width, f.destination_width) - fx0)
-        eh = max(0, min(clip.origin.y + clip.size.height, f.destination_height) - fy0)
-        ex, ey = (fx0, fy0) if (prim.width, prim.height) == (f.destination_width, f.destination_height) else (0, 0)
-        e = prim.tensor[pg.n0:pg.n0 + region.count, ey:ey + eh, ex:ex + ew, pg.c0:pg.c0 + g.output_channels]
+        e, fx0, fy0 = self._incoming_gradient(prim, pg, region.count, f)
         x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + g.input_channels]
         w, _ = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=False)
         x = x.to(w.dtype) if x.dtype != w.dtype else x
         e = e.to(w.dtype) if e.dtype != w.dtype else e
         kx, ky = getattr(st, "kernel_offset", (0, 0))
-        tx = f.offset.x * g.stride_x + kx + (fx0 - clip.origin.x)
-        ty = f.offset.y * g.stride_y + ky + (fy0 - clip.origin.y)
-        opt = MPSCNNConvolutionGradientOption(self.gradient_option)
-        need_data = bool(opt & MPSCNNConvolutionGradientOption.gradientWithData)
-        need_w = bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
+        tx = f.offset.x * g.stride_x + kx + (fx0 - f.clip_rect.origin.x)
+        ty = f.offset.y * g.stride_y + ky + (fy0 - f.clip_rect.origin.y)
+        need_data, need_w = self._needs()
         dx, dw, db = conv_backend.conv_transpose_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                                groups=g.groups, tx=tx, ty=ty, allow_tf32=self._allow_tf32(),
                                                                need_data=need_data, need_weights=need_w, need_bias=need_w)
         if need_w:
-            gw, gb = st._buffers()
             assert dw is not None and db is not None
-            gw.copy_(dw.permute(0, 2, 3, 1).to(torch.float32).reshape(gw.shape))
-            gb.copy_(db.to(torch.float32))
+            self._store_weight_gradients(st, dw, db)
         if need_data:
             assert dx is not None
             write_result(dest, region, dx)
