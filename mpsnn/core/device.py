@@ -171,7 +171,6 @@ class MTLCommandBuffer:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        self._keep_alive: list[Any] = []
         self.stream: Any = torch.cuda.current_stream(self.device.torch_device) if self.device.is_cuda else None
         self._stream_id = None if self.stream is None else self.stream.stream_id
 
@@ -203,10 +202,6 @@ class MTLCommandBuffer:
                 yield
         else:  # CPU, or the command buffer's stream is already current: nothing to switch
             yield
-
-    def keep_alive(self, obj: Any) -> None:
-        """Hold ``obj`` until the command buffer completes (autoreleased results)."""
-        self._keep_alive.append(obj)
 
     # -- temporary storage pool ---------------------------------------------------------------
     def _take_storage(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -265,7 +260,6 @@ class MTLCommandBuffer:
                 self._call(fn)
             if self.error is not None:
                 self._status = MTLCommandBufferStatus.error
-            self._keep_alive.clear()
             self._done.set()
 
     def wait_until_completed(self) -> None:

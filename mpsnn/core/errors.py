@@ -46,9 +46,3 @@ def value_error(owner: Any, name: str, value: Any, rule: str, actual: str | None
     if actual is not None:
         msg += f", but got {actual}"
     return MPSValueError(msg)
-
-
-def type_error(owner: Any, name: str, value: Any, expected: str) -> MPSTypeError:
-    return MPSTypeError(
-        f"{_owner_name(owner)}: `{name}` must be {expected}, but got {type(value).__name__}"
-    )
