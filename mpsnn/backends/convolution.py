@@ -13,6 +13,7 @@ Edge mode clamp gathers the window span with clamped indices first.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -57,6 +58,7 @@ class AxisPlan:
     explicit: tuple[int, int]
 
 
+@functools.lru_cache(maxsize=8192)
 def plan_axis(start: int, count: int, stride: int, win: int, size: int) -> AxisPlan:
     end = start + (count - 1) * stride + win
     lo, hi = min(max(start, 0), size), max(min(end, size), 0)

@@ -130,8 +130,7 @@ class MPSCNNBinaryKernel(MPSKernel):
         self._p_offset = MPSOffset(r.offset_x, r.offset_y, self._p_offset.z)
         nout = self._result_feature_channels(self._channels_used(prim, self._p_c_off, self._p_c_max, "primary"),
                                             self._channels_used(sec, self._s_c_off, self._s_c_max, "secondary"))
-        desc = MPSImageDescriptor(channel_format=prim.feature_channel_format, width=r.width, height=r.height,
-                                  feature_channels=nout, number_of_images=prim.number_of_images)
+        desc = MPSImageDescriptor._trusted(prim.feature_channel_format, r.width, r.height, nout, prim.number_of_images)
         return self._finish_descriptor(desc, method, source_images, source_states)
 
     def _apply_source_states(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState]) -> None:

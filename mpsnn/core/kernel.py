@@ -393,9 +393,8 @@ class MPSCNNKernel(MPSKernel):
                               f"be large enough for the {self._kernel_width}x{self._kernel_height} window under {self._padding.label}",
                               f"a {r.width}x{r.height} result")
         self._apply_padding_offsets(r)
-        desc = MPSImageDescriptor(channel_format=src.feature_channel_format, width=r.width, height=r.height,
-                                  feature_channels=self._result_feature_channels(self.source_channels_used(src)),
-                                  number_of_images=src.number_of_images)
+        desc = MPSImageDescriptor._trusted(src.feature_channel_format, r.width, r.height,
+                                           self._result_feature_channels(self.source_channels_used(src)), src.number_of_images)
         return self._finish_descriptor(desc, method, source_images, source_states)
 
     def _apply_padding_offsets(self, r: Any) -> None:

@@ -10,6 +10,7 @@ negative ``extra`` values that valid-only padding produces.
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -106,6 +107,7 @@ class PaddingResult:
     kernel_offset_y: int = 0
 
 
+@functools.lru_cache(maxsize=4096)
 def apply_padding_method(
     method: int,
     src_width: int,
@@ -118,7 +120,8 @@ def apply_padding_method(
     dilation_y: int = 1,
     is_backwards: bool = False,
 ) -> PaddingResult:
-    """Destination size and offsets for ``method`` (kernel-base.md §6.2, §6.4)."""
+    """Destination size and offsets for ``method`` (kernel-base.md §6.2, §6.4). A pure
+    function of integers, memoised: every auto-sized encode asks it."""
     style = size_style(method)
     wx, wy = dilated_window(kernel_width, dilation_x), dilated_window(kernel_height, dilation_y)
     if is_backwards:

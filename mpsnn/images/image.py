@@ -115,6 +115,16 @@ class MPSImageDescriptor:
         object.__setattr__(self, name, value)
 
     @classmethod
+    def _trusted(cls, channel_format: MPSImageFeatureChannelFormat, width: int, height: int, feature_channels: int,
+                 number_of_images: int) -> "MPSImageDescriptor":
+        """A descriptor from values mpsnn computed itself (already valid): skips the per-field
+        validation of the public constructor, which costs host time on every auto encode."""
+        d = cls.__new__(cls)
+        d.__dict__.update(channel_format=channel_format, width=width, height=height, feature_channels=feature_channels,
+                          number_of_images=number_of_images, usage=3, storage_mode=0, cpu_cache_mode=0)
+        return d
+
+    @classmethod
     def image_descriptor(cls, channel_format: MPSImageFeatureChannelFormat, width: int, height: int, feature_channels: int, number_of_images: int = 1, usage: int = 3) -> "MPSImageDescriptor":
         """``imageDescriptorWithChannelFormat:width:height:featureChannels:[numberOfImages:usage:]``."""
         return cls(channel_format=channel_format, width=width, height=height, feature_channels=feature_channels, number_of_images=number_of_images, usage=usage)
