@@ -231,6 +231,9 @@ class _ConvolutionWeights:
             self._compute.clear()
         state.consume_read()
 
+    #: Swift's ``reloadWeightsAndBiases(with:state:)``
+    reload_weights_and_biases = reload_weights_and_biases_with_command_buffer
+
     def export_weights_and_biases(self, command_buffer: MTLCommandBuffer, result_state_can_be_temporary: bool = False) -> MPSCNNConvolutionWeightsAndBiasesState:
         """The current float32 weights (the data source's layout) and biases in a new state."""
         cb = self._check_command_buffer(command_buffer)  # type: ignore[attr-defined]

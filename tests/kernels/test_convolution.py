@@ -809,3 +809,18 @@ def test_error_descriptor_values(device) -> None:
     with pytest.raises(m.MPSError, match=r"MPSCNNConvolution.*weights"):
         m.MPSCNNConvolution(device, "not a data source")  # type: ignore[arg-type]
 
+
+
+def test_reload_weights_and_biases_swift_spelling(device, cb) -> None:
+    """``reload_weights_and_biases(cb, state)`` (Swift's name) takes new weights from a state."""
+    desc = m.MPSCNNConvolutionDescriptor(kernel_width=1, kernel_height=1, input_feature_channels=4, output_feature_channels=4)
+    conv = m.MPSCNNConvolution(device, weights=m.ConvolutionDataSource(desc, weights=np.zeros((4, 1, 1, 4), np.float32)))
+    new_w = torch.eye(4, dtype=torch.float32, device=device.torch_device).reshape(4, 1, 1, 4) * 2.0
+    state = m.MPSCNNConvolutionWeightsAndBiasesState(weights=new_w, biases=torch.ones(4, device=device.torch_device))
+    conv.reload_weights_and_biases(cb, state)
+    x = m.MPSImage.from_numpy(np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4), device)
+    y = m.MPSImage(device, image_descriptor=m.MPSImageDescriptor(channel_format=m.MPSImageFeatureChannelFormat.float32, width=3, height=1, feature_channels=4))
+    conv.encode(cb, x, y)
+    cb.commit()
+    cb.wait_until_completed()
+    np.testing.assert_allclose(y.to_numpy(), 2.0 * np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4) + 1.0)
