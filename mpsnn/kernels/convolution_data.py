@@ -226,16 +226,16 @@ class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
 class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
     """``MPSCNNSubPixelConvolutionDescriptor``: a convolution followed by channel -> space.
 
-    ``sub_pixel_scale_factor`` r (default 1): the ``Cout`` results of each intermediate pixel
+    ``sub_pixel_scale_factor`` r (default 1; also a constructor keyword): the ``Cout`` results of each intermediate pixel
     fill an r x r block of ``Cout/r^2`` channels; block index ``r·(y mod r) + (x mod r)`` is the
     slow index (TensorFlow ``depth_to_space`` order, not PyTorch ``pixel_shuffle``).
     """
 
     sub_pixel_scale_factor: int
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sub_pixel_scale_factor: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sub_pixel_scale_factor = 1
+        self.sub_pixel_scale_factor = sub_pixel_scale_factor
 
 
 class MPSCNNConvolutionDataSource(abc.ABC):
@@ -451,6 +451,9 @@ def geometry_of(owner: str, desc: MPSCNNConvolutionDescriptor, kind: str) -> Con
     elif g > 1:
         if cin % g or cout % g:
             raise value_error(owner, "descriptor.groups", g, f"divide input_feature_channels={cin} and output_feature_channels={cout}")
+        if (cin // g) % 4 or (cout // g) % 4:
+            raise value_error(owner, "descriptor.groups", g, "leave a multiple of 4 input and output channels per group (convolution.md §2)",
+                              f"{cin // g} input and {cout // g} output channels per group")
     if isinstance(desc, MPSCNNSubPixelConvolutionDescriptor):
         r = desc.sub_pixel_scale_factor
         if r > 1:

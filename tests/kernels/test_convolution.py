@@ -157,13 +157,13 @@ def test_forward_auto_default_padding(device, cb, case: Case) -> None:
 
 
 def test_properties(device) -> None:
-    desc = descriptor((4, 3), 8, 12, stride=(2, 3), dilation=(1, 2), groups=2)
-    w, b = Case("p", (4, 3), 8, 12, groups=2).weights(1)
+    desc = descriptor((4, 3), 8, 16, stride=(2, 3), dilation=(1, 2), groups=2)
+    w, b = Case("p", (4, 3), 8, 16, groups=2).weights(1)
     conv, ds = make(device, desc, w, b, label="conv1")
     assert (conv.kernel_width, conv.kernel_height) == (4, 3)
     assert (conv.stride_in_pixels_x, conv.stride_in_pixels_y) == (2, 3)
     assert (conv.dilation_rate_x, conv.dilation_rate_y) == (1, 2)
-    assert (conv.input_feature_channels, conv.output_feature_channels, conv.groups) == (8, 12, 2)
+    assert (conv.input_feature_channels, conv.output_feature_channels, conv.groups) == (8, 16, 2)
     assert conv.channel_multiplier == 0 and conv.sub_pixel_scale_factor == 1
     assert conv.data_source is ds
     assert conv.label == "conv1", "the data source's label is copied"
@@ -660,10 +660,10 @@ def test_accumulator_precision(device, cb, option) -> None:
 @pytest.mark.parametrize("kind", ["regular", "depthwise"])
 def test_export_weights_and_biases(device, cb, kind) -> None:
     if kind == "regular":
-        desc, w = descriptor((3, 2), 8, 4, groups=2), rand(121, (4, 2, 3, 4)).astype(np.float32)
+        desc, w = descriptor((3, 2), 8, 8, groups=2), rand(121, (8, 2, 3, 4)).astype(np.float32)
     else:
         desc, w = descriptor((3, 2), 4, 4, cls=m.MPSCNNDepthWiseConvolutionDescriptor), rand(121, (4, 2, 3)).astype(np.float32)
-    b = rand(122, (4,)).astype(np.float32)
+    b = rand(122, (w.shape[0],)).astype(np.float32)
     conv, _ = make(device, desc, w, b)
     st = conv.export_weights_and_biases(cb, False)
     tmp = conv.export_weights_and_biases_with_command_buffer(cb, result_state_can_be_temporary=True)
@@ -809,6 +809,13 @@ def test_error_descriptor_values(device) -> None:
     with pytest.raises(m.MPSError, match=r"MPSCNNConvolution.*weights"):
         m.MPSCNNConvolution(device, "not a data source")  # type: ignore[arg-type]
 
+
+
+def test_error_groups_need_multiples_of_4_channels_per_group(device) -> None:
+    """convolution.md §2: with groups > 1, Cin/groups and Cout/groups are multiples of 4."""
+    desc = descriptor((3, 3), 8, 12, groups=2)  # 6 output channels per group
+    with pytest.raises(m.MPSError, match=r"MPSCNNConvolution: `descriptor.groups` \(=2\) must leave a multiple of 4"):
+        m.MPSCNNConvolution(device, weights=m.ConvolutionDataSource(desc, weights=np.zeros((12, 3, 3, 4), np.float32)))
 
 
 def test_reload_weights_and_biases_swift_spelling(device, cb) -> None:

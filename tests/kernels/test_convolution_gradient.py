@@ -223,9 +223,9 @@ def test_gradient_clamp_edge(device, cb) -> None:
 
 
 def test_gradient_properties(device) -> None:
-    case = GCase("props", (3, 3), 8, 4, groups=2)
+    case = GCase("props", (3, 3), 8, 16, groups=2)
     _, grad, _, _, ds = case.make(device, 1)
-    assert grad.source_gradient_feature_channels == 4 and grad.source_image_feature_channels == 8
+    assert grad.source_gradient_feature_channels == 16 and grad.source_image_feature_channels == 8
     assert grad.groups == 2 and grad.channel_multiplier == 0 and grad.data_source is ds
     assert grad.gradient_option == GO.all
     assert grad.is_state_modified is True

@@ -136,11 +136,11 @@ def test_transpose_matches_conv_transpose2d(device, cb, case: TCase, pad, op) ->
 
 
 def test_transpose_properties(device) -> None:
-    case = TCase("props", (3, 2), 8, 4, stride=(2, 3), groups=2)
+    case = TCase("props", (3, 2), 8, 16, stride=(2, 3), groups=2)
     tr, _, _, ds = case.make(device, 1)
     assert tr.is_backwards is True
     assert (tr.kernel_offset_x, tr.kernel_offset_y) == (0, 0)
-    assert (tr.input_feature_channels, tr.output_feature_channels, tr.groups) == (8, 4, 2)
+    assert (tr.input_feature_channels, tr.output_feature_channels, tr.groups) == (8, 16, 2)
     assert (tr.stride_in_pixels_x, tr.stride_in_pixels_y) == (2, 3)
     assert tr.data_source is ds and tr.label == "tr" and ds.load_count == ds.purge_count
     assert tr.accumulator_precision_option == m.MPSNNConvolutionAccumulatorPrecisionOption.float
