@@ -2,7 +2,8 @@
 
 Written from the spec equations, tap by tap (a Python loop over the kernel taps, an einsum
 over channels, NumPy gathers for the pixels): slow and obvious on purpose. Nothing is
-imported from mpsnn except :func:`mpsnn.testing.reference.neuron_forward` (fused neurons).
+imported from mpsnn except :func:`mpsnn.testing.reference.neuron_forward` (fused neurons) and that
+module's argument normalisers (offsets, clip rectangles, edge modes).
 
 Conventions (all functions):
 
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from mpsnn.testing.reference import neuron_forward
+from mpsnn.testing.reference import _edge, _region, _xyz, neuron_forward
 
 __all__ = [
     "BINARY_TYPES",
@@ -70,7 +71,6 @@ BINARY_TYPES: dict[str, int] = {"binaryWeights": 0, "XNOR": 1, "AND": 2}
 #: ``MPSCNNBinaryConvolutionFlagsUseBetaScaling`` (§15.1).
 USE_BETA_SCALING = 1
 
-_NO_CLIP = 1 << 62
 
 Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -86,32 +86,6 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
     if len(t) != 2:
         raise ValueError(f"`{name}` must be an int or an (x, y) pair, got {v!r}")
     return t[0], t[1]
-
-
-def _xyz(offset: Any) -> tuple[int, int, int]:
-    if offset is None:
-        return 0, 0, 0
-    if hasattr(offset, "x"):
-        return int(offset.x), int(offset.y), int(getattr(offset, "z", 0))
-    t = tuple(int(v) for v in offset) + (0, 0, 0)
-    return t[0], t[1], t[2]
-
-
-def _region(clip_rect: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    if clip_rect is None:
-        return (0, 0, 0), (_NO_CLIP, _NO_CLIP, _NO_CLIP)
-    if hasattr(clip_rect, "origin"):
-        o, s = clip_rect.origin, clip_rect.size
-        return (int(o.x), int(o.y), int(o.z)), (int(s.width), int(s.height), int(s.depth))
-    (ox, oy, oz), (w, h, d) = clip_rect
-    return (int(ox), int(oy), int(oz)), (int(w), int(h), int(d))
-
-
-def _edge(edge_mode: Any) -> str:
-    name = edge_mode if isinstance(edge_mode, str) else {0: "zero", 1: "clamp"}.get(int(edge_mode), "")
-    if name not in ("zero", "clamp"):
-        raise ValueError(f"edge mode {edge_mode!r}: CNN kernels define only zero and clamp")
-    return name
 
 
 def _f64(a: Any) -> np.ndarray:
