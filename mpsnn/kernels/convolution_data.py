@@ -46,6 +46,7 @@ from ..core.enums import (
     MPSDataType,
 )
 from ..core.errors import MPSTypeError, value_error
+from ..core.host_arrays import float32_array
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
@@ -61,19 +62,11 @@ def _positive(owner: str, name: str, value: Any) -> int:
 
 
 def _float_array(owner: str, name: str, value: Any, count: int | None = None) -> np.ndarray:
-    """Any array-like of floats (NumPy, torch, bytes of float32) as a flat float32 array."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(value, dtype=np.float32)
-    elif isinstance(value, torch.Tensor):
-        arr = value.detach().to("cpu", torch.float32).numpy().reshape(-1)
-    else:
-        try:
-            arr = np.asarray(value, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise MPSTypeError(f"{owner}: `{name}` must be an array of floats, but got {type(value).__name__}") from None
+    """:func:`float32_array`, with an exact ``count`` when given."""
+    arr = float32_array(owner, name, value)
     if count is not None and arr.size != count:
         raise value_error(owner, name, f"{arr.size} values", f"hold exactly {count} values")
-    return arr.astype(np.float32, copy=True)
+    return arr
 
 
 class MPSCNNConvolutionDescriptor:

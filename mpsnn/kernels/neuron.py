@@ -52,6 +52,7 @@ from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
 from ..core.enums import MPSCNNNeuronType
 from ..core.errors import MPSTypeError, value_error
+from ..core.host_arrays import float32_array
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..images import formats as fm
@@ -78,16 +79,9 @@ def _f32(owner: str, name: str, value: Any) -> float:
 
 
 def _slopes_array(owner: str, data: Any, count: int | None = None) -> np.ndarray:
-    """PReLU slopes as a float32 NumPy array (bytes are read as native float32)."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(data, dtype=np.float32)
-    elif isinstance(data, torch.Tensor):
-        arr = data.detach().to("cpu", torch.float32).numpy().reshape(-1)
-    else:
-        try:
-            arr = np.asarray(data, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise MPSTypeError(f"{owner}: `data` must be float32 slopes (bytes, array or tensor), but got {type(data).__name__}") from None
+    """PReLU slopes as a float32 NumPy array (bytes are read as native float32); ``count``
+    keeps the first ``count`` slopes."""
+    arr = float32_array(owner, "data", data, copy=False)  # retained, not copied (noCopy)
     if count is not None:
         if count < 1 or count > arr.size:
             raise value_error(owner, "count", count, f"be in [1, {arr.size}] (the number of slopes given)")
