@@ -40,6 +40,14 @@ element fails. The explicit-destination forward and the data gradient are checke
 after timing. Exit status: 0 on success, 1 on a mismatch or an error (every shape is tried;
 errors are reported with the shape and re-raised at the end), 2 without CUDA.
 
+Network order (after the table; ``--no-network`` skips it): all 53 convolutions in the order
+a training step runs them -- the forward pass conv1 ... layer4, then the gradient pass in
+reverse -- timed as one sequence per sample (mpsnn: one command buffer), against the same
+sequence of torch calls. This is how the kernels are used: the host encodes ahead of the GPU,
+so the per-encode host time is hidden wherever the sequence's GPU time exceeds it. The
+per-shape rows, by contrast, repeat one small convolution back to back and show the host
+cost of an encode wherever it exceeds the GPU time of that one convolution.
+
 The table is printed and, when ``$OUT`` is set, written to ``$OUT/bench_convolution.txt``.
 Totals weight each shape by its multiplicity: ratio = sum(count * mpsnn ms) /
 sum(count * torch ms) (target <= 1.05).
@@ -389,6 +397,65 @@ def bench_shape(shape: ConvShape, count: int, batch: int, reps: int, dev: m.Devi
     return Row(shape, count, fwd, auto, peer_f, bwd, peer_b, errors, notes)
 
 
+@dataclass
+class NetworkRow:
+    fwd: Timing
+    peer_fwd: Timing
+    bwd: Timing
+    peer_bwd: Timing
+
+
+def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev: m.Device, queue: m.MTLCommandQueue,
+                  gen: torch.Generator) -> NetworkRow:
+    """All convolutions in the network's order, as a training step runs them: the forward
+    pass (conv1 ... layer4) and the gradient pass (reverse order), each timed as one sequence
+    per sample (one command buffer for mpsnn). Operands are shared per unique shape."""
+    cuda = dev.torch_device
+    fmt = m.MPSImageFeatureChannelFormat.bfloat16
+    ops: dict[ConvShape, dict[str, Any]] = {}
+    for _, shape in convs:
+        if shape in ops:
+            continue
+        n, k, s = batch, shape.k, shape.stride
+        x = torch.randn(n, shape.size, shape.size, shape.cin, device=cuda, dtype=DTYPE, generator=gen)
+        dy = torch.randn(n, shape.out, shape.out, shape.cout, device=cuda, dtype=DTYPE, generator=gen)
+        w = (torch.randn(shape.cout, shape.cin, k, k, device=cuda, generator=gen) / math.sqrt(shape.cin * k * k)).to(DTYPE)
+        w = w.contiguous(memory_format=torch.channels_last)
+        desc = m.MPSCNNConvolutionDescriptor(kernel_width=k, kernel_height=k, input_feature_channels=shape.cin, output_feature_channels=shape.cout)
+        desc.stride_in_pixels_x = desc.stride_in_pixels_y = s
+        ds = m.ConvolutionDataSource(desc, weights=w.permute(0, 2, 3, 1).float().contiguous().cpu().numpy(), bias_terms=None)
+        conv, grad = m.MPSCNNConvolution(dev, weights=ds), m.MPSCNNConvolutionGradient(dev, weights=ds)
+        conv.offset = m.MPSOffset(x=k // 2 - shape.pad, y=k // 2 - shape.pad, z=0)
+        x_img, dy_img = m.MPSImage.from_torch(x), m.MPSImage.from_torch(dy)
+        y_img = m.MPSImage(dev, image_descriptor=m.MPSImageDescriptor(channel_format=fmt, width=shape.out, height=shape.out,
+                                                                      feature_channels=shape.cout, number_of_images=n))
+        dx_img = m.MPSImage(dev, image_descriptor=m.MPSImageDescriptor(channel_format=fmt, width=shape.size, height=shape.size,
+                                                                       feature_channels=shape.cin, number_of_images=n))
+        ops[shape] = dict(x=x.permute(0, 3, 1, 2), dy=dy.permute(0, 3, 1, 2), w=w, conv=conv, grad=grad, x_img=x_img, y_img=y_img,
+                          dy_img=dy_img, dx_img=dx_img, state=conv.result_state(x_img, None, y_img), p=shape.pad, s=shape.stride)
+    order = [ops[shape] for _, shape in convs]
+
+    def mps_fwd(cb: Any) -> None:
+        for o in order:
+            o["conv"].encode(cb, o["x_img"], o["y_img"])
+
+    def mps_bwd(cb: Any) -> None:
+        for o in reversed(order):
+            o["grad"].encode(cb, o["dy_img"], o["x_img"], o["state"], o["dx_img"])
+
+    def peer_fwd(_cb: Any) -> None:
+        for o in order:
+            F.conv2d(o["x"], o["w"], None, o["s"], o["p"])
+
+    def peer_bwd(_cb: Any) -> None:
+        for o in reversed(order):
+            torch.ops.aten.convolution_backward(o["dy"], o["x"], o["w"], None, [o["s"]] * 2, [o["p"]] * 2, [1, 1], False, [0, 0], 1,
+                                                [True, True, False])
+
+    return NetworkRow(time_launches(mps_fwd, 1, reps, queue), time_launches(peer_fwd, 1, reps),
+                      time_launches(mps_bwd, 1, reps, queue), time_launches(peer_bwd, 1, reps))
+
+
 def warm_gpu(seconds: float = 1.0) -> None:
     """Bring the clocks up before the first measurement."""
     a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
@@ -407,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 32, 3 timed samples")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per measurement (default 10; 3 with --quick)")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark (applies to both sides)")
+    ap.add_argument("--no-network", action="store_true", help="skip the network-order sequence measurement")
     ap.add_argument("--list-shapes", action="store_true", help="print the unique shapes and MAC counts and exit (no CUDA needed)")
     args = ap.parse_args(argv)
 
@@ -499,6 +567,22 @@ def main(argv: list[str] | None = None) -> int:
         out(f"network total, weighted by multiplicity: forward ratio {fwd / peer_f:.3f} (auto-sized form {auto / peer_f:.3f}), "
             f"gradient ratio {bwd / peer_b:.3f}; target <= {TARGET}: {verdict}"
             + (f"  [incomplete: {len(failures)} of {len(shapes)} shapes failed]" if failures else ""))
+    if rows and not failures and not args.no_network:
+        try:
+            net = bench_network(convs, batch, reps, dev, queue, gen)
+        except Exception as exc:
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            failures.append(f"network sequence (batch {batch}): {type(exc).__name__}: {exc}")
+        else:
+            out()
+            out(f"network order: the {len(convs)} convolutions as one training step runs them (forward conv1 ... layer4, then the "
+                "gradients in reverse), one sequence per sample, ms per sequence (mpsnn host ms = time to encode it)")
+            verdict = "PASS" if net.fwd.ms / net.peer_fwd.ms <= TARGET and net.bwd.ms / net.peer_bwd.ms <= TARGET else "MISS"
+            out(f"  forward : mpsnn {net.fwd.ms:8.3f}  torch {net.peer_fwd.ms:8.3f}  ratio {net.fwd.ms / net.peer_fwd.ms:.3f}"
+                f"   host ms mpsnn {net.fwd.host_us / 1e3:.3f} torch {net.peer_fwd.host_us / 1e3:.3f}")
+            out(f"  gradient: mpsnn {net.bwd.ms:8.3f}  torch {net.peer_bwd.ms:8.3f}  ratio {net.bwd.ms / net.peer_bwd.ms:.3f}"
+                f"   host ms mpsnn {net.bwd.host_us / 1e3:.3f} torch {net.peer_bwd.host_us / 1e3:.3f}")
+            out(f"  network order, target <= {TARGET}: {verdict}")
     if mismatches:
         out(f"FAIL: {len(mismatches)} shape(s) differ from torch beyond rel err {TOL}:")
         for line in mismatches:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -100,80 +100,201 @@ def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int,
     return xs, px, py, False
 
 
-#: per cuDNN op: None = not tried yet, True/False = whether it writes into `out` in this build
+#: per cuDNN function: None = not tried yet, True/False = whether it writes into `out` in this build
 _cudnn_out_usable: dict[str, bool] = {}
-_cudnn_out_ops: dict[str, Any] = {}
 
 
 def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
-    """Run ``aten.<name>.out(*args, benchmark, deterministic, allow_tf32, out=out)`` so that
-    cuDNN writes straight into ``out`` (an NCHW channels-last view of a destination image):
-    no result copy. ``args`` ends with the caller's ``allow_tf32``. False when this torch
-    build cannot (probed once per op, then the caller falls back to a copy)."""
+    """Run ``torch.<name>(*args, benchmark, deterministic, allow_tf32, out=out)`` (the
+    ``cudnn_convolution`` / ``cudnn_convolution_transpose`` bindings) so that cuDNN writes
+    straight into ``out`` (an NCHW channels-last view of a destination image): no result copy.
+    ``args`` ends with the caller's ``allow_tf32``, passed to cuDNN as given. False when this
+    torch build cannot (probed once per function, then the caller falls back to a copy)."""
     state = _cudnn_out_usable.get(name)
     if state is False:
         return False
-    op = _cudnn_out_ops.get(name)
-    if op is None:
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is None or "out" not in packet.overloads():
-            _cudnn_out_usable[name] = False
-            return False
-        op = _cudnn_out_ops[name] = packet.out
     *rest, allow_tf32 = args
     cudnn = torch.backends.cudnn
     try:
-        op(*rest, cudnn.benchmark, cudnn.deterministic, bool(allow_tf32) and cudnn.allow_tf32, out=out)
-    except (RuntimeError, NotImplementedError):
+        getattr(torch, name)(*rest, cudnn.benchmark, cudnn.deterministic, bool(allow_tf32), out=out)
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         if state is None:  # not supported by this build: remember and fall back
             _cudnn_out_usable[name] = False
             return False
         raise
-    _cudnn_out_usable[name] = True
+    if state is None:
+        _cudnn_out_usable[name] = True
     return True
 
 
-def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, *, stride: tuple[int, int], dilation: tuple[int, int],
-                groups: int, left: int, top: int, out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Correlate NHWC ``x`` with OIHW weights for windows whose first taps are ``(left, top)``;
-    returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype.
+class Conv2dPlan:
+    """A forward convolution worked out once for a geometry, run many times.
 
-    ``out`` (optional, NHWC, contiguous, ``x``'s dtype): on CUDA cuDNN writes the result
-    directly into it when the plan needs no cropping; the returned tensor is then ``out``.
+    Made by :func:`plan_conv2d`. The source is cropped to the rows and columns the windows
+    read (a view), zero-padded explicitly only where torch's symmetric padding cannot place
+    the windows, and convolved in one call. When torch's outputs are exactly the requested
+    ones and the destination region is contiguous, cuDNN writes it directly on CUDA
+    (``direct``); otherwise ``F.conv2d`` computes the result, the extra leading outputs
+    (``skip``) are dropped and the rest is copied into the region.
     """
+
+    __slots__ = ("crop", "y0", "y1", "x0", "x1", "explicit", "pad", "stride", "dilation", "groups", "allow_tf32", "direct", "skip_y", "skip_x",
+                 "out_h", "out_w")
+
+    def __init__(self, py: AxisPlan, px: AxisPlan, crop: bool, stride: tuple[int, int], dilation: tuple[int, int], groups: int,
+                 allow_tf32: bool, direct: bool, out_h: int, out_w: int) -> None:
+        self.crop, self.y0, self.y1, self.x0, self.x1 = crop, py.lo, py.hi, px.lo, px.hi
+        self.explicit = None if px.explicit == (0, 0) and py.explicit == (0, 0) else (*px.explicit, *py.explicit)
+        self.pad, self.stride, self.dilation, self.groups = [py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]], groups
+        self.allow_tf32, self.direct = allow_tf32, direct
+        self.skip_y, self.skip_x, self.out_h, self.out_w = py.skip, px.skip, out_h, out_w
+
+    def run(self, x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Write the convolution of NHWC ``x`` into NHWC ``out`` (a region of the destination)."""
+        xs = (x[:, self.y0:self.y1, self.x0:self.x1, :] if self.crop else x).permute(0, 3, 1, 2)
+        o = out.permute(0, 3, 1, 2)
+        if self.direct:
+            if _cudnn_into("cudnn_convolution", o, xs, w_oihw, self.pad, self.stride, self.dilation, self.groups, self.allow_tf32):
+                if bias is not None:
+                    o.add_(bias.view(1, -1, 1, 1))
+                return
+            self.direct = False  # this torch build has no cuDNN `out=` form: compute, then copy
+        if self.explicit is not None:
+            xs = F.pad(xs, self.explicit)
+        if not xs.is_contiguous(memory_format=torch.channels_last):
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        with tf32(self.allow_tf32, x):
+            y = F.conv2d(xs, w_oihw, bias, self.stride, self.pad, self.dilation, self.groups)
+        o.copy_(y[:, :, self.skip_y:self.skip_y + self.out_h, self.skip_x:self.skip_x + self.out_w])
+
+
+def plan_conv2d(x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int], groups: int, left: int, top: int,
+                out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool, out: torch.Tensor) -> Conv2dPlan | None:
+    """A :class:`Conv2dPlan` writing ``out`` (NHWC ``[N, out_h, out_w, Cout]``, ``x``'s dtype),
+    or None when the windows need the general path of :func:`conv2d_nhwc` (edge mode clamp
+    with windows that leave the image: the span is gathered with clamped indices)."""
+    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
+    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    n, h, w, _ = x.shape
+    px = plan_axis(left, out_w, stride[0], winx, w)
+    py = plan_axis(top, out_h, stride[1], winy, h)
+    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * stride[0] + winx and py.hi - py.lo == (out_h - 1) * stride[1] + winy
+    if edge_mode == MPSImageEdgeMode.clamp and not inside:
+        return None
+    if not (out.shape == (n, out_h, out_w, w_oihw.shape[0]) and out.dtype == x.dtype == w_oihw.dtype):
+        return None
+    crop = (py.lo, py.hi, px.lo, px.hi) != (0, h, 0, w)
+    exact = (px.explicit == (0, 0) and py.explicit == (0, 0) and px.skip == 0 and py.skip == 0
+             and (py.hi - py.lo + 2 * py.pad - winy) // stride[1] + 1 == out_h and (px.hi - px.lo + 2 * px.pad - winx) // stride[0] + 1 == out_w)
+    xs = x[:, py.lo:py.hi, px.lo:px.hi, :] if crop else x
+    direct = (exact and x.is_cuda and out.is_contiguous() and w_oihw.is_contiguous(memory_format=torch.channels_last)
+              and xs.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last)
+              and _cudnn_out_usable.get("cudnn_convolution") is not False)
+    return Conv2dPlan(py, px, crop, stride, dilation, groups, allow_tf32, direct, out_h, out_w)
+
+
+def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, *, stride: tuple[int, int], dilation: tuple[int, int],
+                groups: int, left: int, top: int, out_w: int, out_h: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool) -> torch.Tensor:
+    """Correlate NHWC ``x`` with OIHW weights for windows whose first taps are ``(left, top)``;
+    returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype (the general path; see
+    :func:`plan_conv2d` for the planned one that writes a destination directly)."""
     winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
     winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
     xs, px, py, _ = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
-    if (out is not None and x.is_cuda and out.is_contiguous() and out.dtype == xs.dtype == w_oihw.dtype and px.skip == 0 and py.skip == 0
-            and out.shape == (x.shape[0], out_h, out_w, w_oihw.shape[0])
-            and (xs.shape[2] + 2 * py.pad - winy) // stride[1] + 1 == out_h and (xs.shape[3] + 2 * px.pad - winx) // stride[0] + 1 == out_w
-            and w_oihw.is_contiguous(memory_format=torch.channels_last)):
-        o = out.permute(0, 3, 1, 2)
-        with tf32(allow_tf32, x):
-            done = _cudnn_into("cudnn_convolution", o, xs, w_oihw, [py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]],
-                               groups, allow_tf32)
-        if done:
-            if bias is not None:
-                o.add_(bias.view(1, -1, 1, 1))
-            return out
     with tf32(allow_tf32, x):
         y = F.conv2d(xs, w_oihw, bias, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)
     y = y[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w]
     return y.permute(0, 2, 3, 1)
 
 
+class Conv2dBackwardPlan:
+    """The backward pass of a forward convolution that read the whole source (symmetric
+    padding, no gathered or cropped spans), worked out once for a geometry.
+
+    ``run`` takes the incoming gradient ``e`` (NHWC, exactly the forward result's size), the
+    forward source ``x`` and the data-gradient destination ``dx`` (NHWC, ``x``'s shape, or
+    None) and returns ``(dw OIHW, db)`` (None where not asked for). On CUDA cuDNN writes the
+    data gradient straight into ``dx`` (the adjoint of the forward correlation is a transposed
+    convolution) and a second call computes the weight and bias gradients; elsewhere one
+    ``convolution_backward`` call computes all three and the data gradient is copied.
+    """
+
+    __slots__ = ("pad", "stride", "dilation", "groups", "output_padding", "allow_tf32", "need_data", "need_weights", "need_bias", "direct",
+                 "bias_sizes")
+
+    def __init__(self, pad: list[int], stride: list[int], dilation: list[int], groups: int, output_padding: list[int], allow_tf32: bool,
+                 need_data: bool, need_weights: bool, need_bias: bool, direct: bool, cout: int) -> None:
+        self.pad, self.stride, self.dilation, self.groups, self.output_padding = pad, stride, dilation, groups, output_padding
+        self.allow_tf32, self.direct = allow_tf32, direct
+        self.need_data, self.need_weights, self.need_bias = need_data, need_weights, need_bias
+        self.bias_sizes = [cout] if need_bias else None
+
+    def run(self, e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, dx: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        en, xs = e.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2)
+        need_data = self.need_data
+        if need_data and self.direct:
+            assert dx is not None
+            if _cudnn_into("cudnn_convolution_transpose", dx.permute(0, 3, 1, 2), en, w_oihw, self.pad, self.output_padding, self.stride,
+                           self.dilation, self.groups, self.allow_tf32):
+                need_data = False
+            else:
+                self.direct = False  # no cuDNN `out=` form in this build: one call, then a copy
+        gw = gb = None
+        if need_data or self.need_weights or self.need_bias:
+            with tf32(self.allow_tf32, x):
+                gi, gw, gb = torch.ops.aten.convolution_backward.default(
+                    en, xs, w_oihw, self.bias_sizes, self.stride, self.pad, self.dilation, False, [0, 0], self.groups,
+                    [need_data, self.need_weights, self.need_bias])
+            if need_data:
+                assert dx is not None
+                dx.copy_(gi.permute(0, 2, 3, 1))
+        return (gw if self.need_weights else None), (gb if self.need_bias else None)
+
+
+def plan_conv2d_backward(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, dx: torch.Tensor | None, *, stride: tuple[int, int],
+                         dilation: tuple[int, int], groups: int, left: int, top: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
+                         need_data: bool, need_weights: bool, need_bias: bool) -> Conv2dBackwardPlan | None:
+    """A :class:`Conv2dBackwardPlan` for these operands (``dx``: the whole data-gradient
+    destination, NHWC, or None when the data gradient is not asked for), or None when the
+    geometry needs the general path of :func:`conv2d_backward_nhwc`."""
+    n, out_h, out_w, cout = e.shape
+    h, w = x.shape[1], x.shape[2]
+    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
+    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    px = plan_axis(left, out_w, stride[0], winx, w)
+    py = plan_axis(top, out_h, stride[1], winy, h)
+    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * stride[0] + winx and py.hi - py.lo == (out_h - 1) * stride[1] + winy
+    if ((edge_mode == MPSImageEdgeMode.clamp and not inside) or px.explicit != (0, 0) or py.explicit != (0, 0) or px.skip or py.skip
+            or (px.lo, px.hi, py.lo, py.hi) != (0, w, 0, h)):
+        return None
+    full_h = (h + 2 * py.pad - winy) // stride[1] + 1
+    full_w = (w + 2 * px.pad - winx) // stride[0] + 1
+    if (full_h, full_w) != (out_h, out_w) or not (e.dtype == x.dtype == w_oihw.dtype):
+        return None
+    if not (e.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last) and x.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last)):
+        return None
+    op_y = h + 2 * py.pad - ((full_h - 1) * stride[1] + winy)
+    op_x = w + 2 * px.pad - ((full_w - 1) * stride[0] + winx)
+    direct = False
+    if need_data:
+        if dx is None or dx.shape != x.shape or dx.dtype != x.dtype:
+            return None
+        direct = (x.is_cuda and dx.is_contiguous() and w_oihw.is_contiguous(memory_format=torch.channels_last)
+                  and 0 <= op_y < max(stride[1], dilation[1]) and 0 <= op_x < max(stride[0], dilation[0])
+                  and _cudnn_out_usable.get("cudnn_convolution_transpose") is not False)
+    return Conv2dBackwardPlan([py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]], groups, [op_y, op_x], allow_tf32,
+                              need_data, need_weights, need_bias, direct, cout)
+
+
 def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int],
                          groups: int, left: int, top: int, edge_mode: MPSImageEdgeMode, allow_tf32: bool,
-                         need_data: bool, need_weights: bool, need_bias: bool,
-                         dx_out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                         need_data: bool, need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`conv2d_nhwc` for the incoming gradient ``e`` ``[N, h, w, Cout]``.
 
     Returns ``(dx, dw, db)``: ``dx`` has ``x``'s shape (taps that fell off the image are
     dropped, also for edge mode clamp), ``dw`` is OIHW, ``db`` ``[Cout]``; parts not asked for
-    are None. ``dx_out`` (optional, NHWC contiguous, ``x``'s shape and dtype): on CUDA, when
-    the forward span is the whole image, cuDNN writes the data gradient straight into it (a
-    transposed convolution) and ``dx`` is ``dx_out``.
+    are None. This is the general path; :func:`plan_conv2d_backward` covers the common case
+    with a plan that writes the data gradient into the destination directly.
     """
     n, out_h, out_w, cout = e.shape
     winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
@@ -188,25 +309,6 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
         en = g
     elif not en.is_contiguous(memory_format=torch.channels_last):
         en = en.contiguous(memory_format=torch.channels_last)
-    whole = (not gathered and px.explicit == (0, 0) and py.explicit == (0, 0) and px.lo == 0 and py.lo == 0
-             and px.hi == x.shape[2] and py.hi == x.shape[1])
-    if (need_data and dx_out is not None and x.is_cuda and whole and dx_out.is_contiguous() and dx_out.shape == x.shape
-            and dx_out.dtype == w_oihw.dtype == en.dtype and w_oihw.is_contiguous(memory_format=torch.channels_last)):
-        # the adjoint of the forward correlation is a transposed convolution of the (full) gradient
-        op_y = xs.shape[2] + 2 * py.pad - ((full_h - 1) * stride[1] + winy)
-        op_x = xs.shape[3] + 2 * px.pad - ((full_w - 1) * stride[0] + winx)
-        if 0 <= op_y < max(stride[1], dilation[1]) and 0 <= op_x < max(stride[0], dilation[0]):
-            with tf32(allow_tf32, x):
-                done = _cudnn_into("cudnn_convolution_transpose", dx_out.permute(0, 3, 1, 2), en, w_oihw, [py.pad, px.pad], [op_y, op_x],
-                                   [stride[1], stride[0]], [dilation[1], dilation[0]], groups, allow_tf32)
-            if done:
-                gw = gb = None
-                if need_weights or need_bias:
-                    with tf32(allow_tf32, x):
-                        _, gw, gb = torch.ops.aten.convolution_backward(
-                            en, xs, w_oihw, [cout] if need_bias else None, [stride[1], stride[0]], [py.pad, px.pad],
-                            [dilation[1], dilation[0]], False, [0, 0], groups, [False, need_weights, need_bias])
-                return dx_out, gw if need_weights else None, gb if need_bias else None
     with tf32(allow_tf32, x):
         gi, gw, gb = torch.ops.aten.convolution_backward(
             en, xs, w_oihw, [cout] if need_bias else None, [stride[1], stride[0]], [py.pad, px.pad], [dilation[1], dilation[0]],

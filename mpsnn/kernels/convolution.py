@@ -42,6 +42,7 @@ Numerics and decisions:
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -58,7 +59,7 @@ from ..core.enums import (
     MPSNNPaddingMethod,
 )
 from ..core.errors import MPSTypeError, MPSValueError, value_error
-from ..core.kernel import InputGeometry, MPSCNNKernel, Region
+from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
 from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from ..images.state import ForwardGeometry, MPSState
@@ -146,6 +147,10 @@ class _ConvolutionWeights:
         self._w32 = w_internal.to(dev, torch.float32).contiguous()
         self._b32 = None if bias is None else bias.to(dev, torch.float32).contiguous()
         self._compute: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._neuron: tuple[NeuronParams | None] | None = None
+        #: recorded encode plans (forward: _ForwardPlan, gradient: _GradientPlan); see _encode_checked
+        self._plans: dict[Any, Any] = {}
+        self._recording: Any = None
 
     def _moved_to_device(self) -> None:
         self._set_master(self._w32, self._b32)
@@ -229,6 +234,7 @@ class _ConvolutionWeights:
                     self._b32 = torch.zeros(self._geom.output_channels, dtype=torch.float32, device=self._w32.device)
                 self._b32.copy_(state.biases.reshape(-1))
             self._compute.clear()
+            self._plans.clear()
         state.consume_read()
 
     #: Swift's ``reloadWeightsAndBiases(with:state:)``
@@ -252,6 +258,12 @@ class _ConvolutionWeights:
         return getattr(self, "accumulator_precision_option", MPSNNConvolutionAccumulatorPrecisionOption.float) == MPSNNConvolutionAccumulatorPrecisionOption.half
 
     def _neuron_params(self) -> NeuronParams | None:
+        """The fused neuron's parameters (PReLU slopes on the device), built once per weights load."""
+        if self._neuron is None:
+            self._neuron = (self._make_neuron_params(),)
+        return self._neuron[0]
+
+    def _make_neuron_params(self) -> NeuronParams | None:
         nd = self._descriptor.effective_neuron()
         if nd is None:
             return None
@@ -356,21 +368,66 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
     def _make_state(self, source: MPSImage, dest: MPSImage | None, command_buffer: MTLCommandBuffer | None) -> MPSState | None:
         return MPSCNNConvolutionGradientState(self._geometry(source, dest), self.device, command_buffer, self)
 
+    # -- encode --------------------------------------------------------------------------------------
+    #: the kernel properties a forward plan depends on (besides the weights, which clear the plans)
+    _plan_properties = operator.attrgetter("_offset", "_clip_rect", "_dst_c_off", "_src_c_off", "_src_c_max", "_edge_mode",
+                                           "accumulator_precision_option")
+    #: whether encodes may be replayed from a plan (subclasses with their own numerics say False)
+    _use_plans = True
+
+    def _encode_checked(self, cb: MTLCommandBuffer, src: MPSImage, dest: Any, state: MPSState | None) -> None:
+        """Repeated encodes of one geometry replay a plan recorded by the first one (see
+        :class:`_ForwardPlan`); anything else takes the general path."""
+        if state is not None or not self._use_plans or src.parent is not None or not isinstance(dest, MPSImage) or dest.parent is not None:
+            MPSCNNKernel._encode_checked(self, cb, src, dest, state)
+            return
+        dest = self._check_image("destination_image", dest, cb)
+        xt, yt = src.tensor, dest.tensor
+        key = (xt.shape, xt.stride(), xt.dtype, yt.shape, yt.stride(), dest.feature_channel_format, self._plan_properties(self))
+        plan = self._plans.get(key)
+        if plan is None:
+            self._recording = key
+            try:
+                MPSCNNKernel._encode_checked(self, cb, src, dest, state)
+            finally:
+                self._recording = None
+            return
+        self._check_no_alias(dest, src)
+        with cb.encoding(self._name()):
+            plan.run(xt, yt)
+
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
         g = self._geom
-        x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + g.input_channels]
+        xt = src.tensor
+        whole_x = inp.n0 == 0 and region.count == xt.shape[0] and inp.c0 == 0 and g.input_channels == xt.shape[3]
+        x_index = None if whole_x else (slice(inp.n0, inp.n0 + region.count), slice(None), slice(None), slice(inp.c0, inp.c0 + g.input_channels))
+        x = xt if x_index is None else xt[x_index]
         w, b = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=True)
-        if x.dtype != w.dtype:
+        cast = x.dtype != w.dtype
+        if cast:
             x = x.to(w.dtype)
         r = g.sub_pixel
         ow, oh = (region.width + r - 1) // r, (region.height + r - 1) // r
-        # an allocated destination the result fills exactly: let cuDNN write into it
-        direct = (r == 1 and dest.is_allocated and dest.dtype == w.dtype and dest.feature_channel_format not in fm.UNORM_MAX)
-        out = dest.tensor[region.index()] if direct else None
+        p = self._neuron_params()
+        if r == 1 and dest.dtype == w.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
+            # the result fills a region of a destination in the compute dtype: write it in place
+            out_index = None if region.covers(dest) else region.index()
+            out = dest.tensor if out_index is None else dest.tensor[out_index]
+            conv = conv_backend.plan_conv2d(x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
+                                            groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
+                                            edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32(), out=out)
+            if conv is not None:
+                plan = _ForwardPlan(conv, x_index, out_index, w, b, p)
+                if cast:
+                    plan.finish(x, out)
+                else:
+                    plan.run(xt, dest.tensor)
+                    if self._recording is not None:
+                        self._plans[self._recording] = plan
+                return
         y = conv_backend.conv2d_nhwc(x, w, b, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                      groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
-                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32(), out=out)
-        p = self._neuron_params()
+                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32())
         if r > 1:
             if p is not None:
                 y = y.contiguous()
@@ -381,8 +438,35 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             if not y.is_contiguous():
                 y = y.contiguous()
             dispatch.neuron_forward(y, y, p)
-        if y is not out:  # else cuDNN wrote into the destination already
-            write_result(dest, region, y)
+        write_result(dest, region, y)
+
+
+class _ForwardPlan:
+    """One forward convolution's work for a fixed geometry, kept by the kernel so that
+    repeated encodes of that geometry (every training step, every inference) skip the
+    geometry, padding and validation work of the general path.
+
+    A plan is recorded by an encode that ran the planned path (:func:`plan_conv2d` found a
+    single-call form and the source needs no dtype conversion) and keyed by everything the
+    path depends on: the source's and destination's tensor shapes, strides and dtypes, the
+    destination's channel format and the kernel's geometry properties. Reloading weights
+    clears the plans. Per encode it slices the source and destination (batch and channel
+    windows), runs the convolution into the destination and applies the fused neuron.
+    """
+
+    __slots__ = ("conv", "x_index", "out_index", "w", "b", "neuron")
+
+    def __init__(self, conv: conv_backend.Conv2dPlan, x_index: tuple[slice, ...] | None, out_index: tuple[slice, ...] | None,
+                 w: torch.Tensor, b: torch.Tensor | None, neuron: NeuronParams | None) -> None:
+        self.conv, self.x_index, self.out_index, self.w, self.b, self.neuron = conv, x_index, out_index, w, b, neuron
+
+    def run(self, xt: torch.Tensor, yt: torch.Tensor) -> None:
+        self.finish(xt if self.x_index is None else xt[self.x_index], yt if self.out_index is None else yt[self.out_index])
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.conv.run(x, self.w, self.b, out)
+        if self.neuron is not None:
+            dispatch.neuron_forward(out, out, self.neuron)
 
 
 class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
@@ -525,6 +609,44 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         x = sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + self._geom.input_channels]
         return e, x
 
+    #: the gradient-kernel properties a gradient plan depends on (the forward geometry comes from the state)
+    _plan_properties = operator.attrgetter("_clip_rect", "_p_offset", "_s_offset", "_s_edge", "gradient_option", "accumulator_precision_option")
+    #: whether encodes may be replayed from a plan (subclasses with their own numerics say False)
+    _use_plans = True
+
+    def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def]
+        """As :meth:`MPSCNNGradientKernel.encode`. Repeated encodes of one geometry into an
+        explicit destination replay a plan recorded by the first (see :class:`_GradientPlan`)."""
+        self._check_state_type("gradient_state", gradient_state)
+        general = super().encode
+        if destination_gradient is None or not self._use_plans:
+            return general(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
+        cb = self._check_command_buffer(command_buffer)
+        prim = self._check_image("source_gradient", source_gradient, cb)
+        sec = self._check_image("source_image", source_image, cb)
+        st = self._check_state("gradient_state", gradient_state, cb)
+        dest = self._check_image("destination_image", destination_gradient, cb)
+        if prim.parent is not None or sec.parent is not None or dest.parent is not None:
+            return general(cb, prim, sec, st, dest)
+        et, xt, dt = prim.tensor, sec.tensor, dest.tensor
+        key = (et.shape, et.stride(), et.dtype, xt.shape, xt.stride(), xt.dtype, dt.shape, dt.stride(), dt.dtype, dest.feature_channel_format,
+               st.geometry, self._plan_properties(self))
+        plan = self._plans.get(key)
+        if plan is None:
+            self._recording = key
+            try:
+                return general(cb, prim, sec, st, dest)
+            finally:
+                self._recording = None
+        self._check_no_alias(dest, prim, sec)
+        self._forward, self._gradient_state = st.geometry, st
+        with cb.encoding(self._name()):
+            dw, db = plan.conv.run(et, xt, plan.w, dt if plan.need_data else None)
+            if dw is not None:
+                self._store_weight_gradients(st, dw, db)
+        _consume([prim, sec, st])
+        return None
+
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
         f, st = self._checked_forward(dest, sec)
         g = self._geom
@@ -537,20 +659,48 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         need_data, need_w = self._needs()
         kwd = (g.kernel_width - 1) * g.dilation_x + 1
         khd = (g.kernel_height - 1) * g.dilation_y + 1
-        direct = need_data and dest.is_allocated and dest.dtype == w.dtype and region.covers(dest)
-        dx_out = dest.tensor if direct else None
-        dx, dw, db = self._backward(e, x, w, f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1), f.edge_mode, need_data, need_w, dx_out)
+        left, top = f.offset.x - (kwd >> 1), f.offset.y - (khd >> 1)
+        planned = None
+        if (self._use_plans and region.covers(dest) and dest.dtype == w.dtype and dest.feature_channel_format not in fm.UNORM_MAX
+                and e.data_ptr() == prim.tensor.data_ptr() and e.shape == prim.tensor.shape
+                and x.data_ptr() == sec.tensor.data_ptr() and x.shape == sec.tensor.shape):
+            # whole images in, the whole destination out: a plan can replay this encode
+            planned = conv_backend.plan_conv2d_backward(
+                e, x, w, dest.tensor if need_data else None, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
+                groups=g.torch_groups, left=left, top=top, edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data,
+                need_weights=need_w, need_bias=need_w)
+        if planned is not None:
+            dw, db = planned.run(e, x, w, dest.tensor if need_data else None)
+            if need_w:
+                self._store_weight_gradients(st, dw, db)
+            if self._recording is not None:
+                self._plans[self._recording] = _GradientPlan(planned, w, need_data)
+            return
+        dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
         if need_w:
             self._store_weight_gradients(st, dw, db)
-        if need_data and dx is not dx_out:  # else cuDNN wrote into the destination already
+        if need_data:
             assert dx is not None
             write_result(dest, region, dx)
 
-    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w, dx_out=None):  # type: ignore[no-untyped-def]
+    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
         g = self._geom
         return conv_backend.conv2d_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                  groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
-                                                 need_data=need_data, need_weights=need_w, need_bias=need_w, dx_out=dx_out)
+                                                 need_data=need_data, need_weights=need_w, need_bias=need_w)
+
+
+class _GradientPlan:
+    """A recorded gradient encode (the counterpart of :class:`_ForwardPlan`): the backend's
+    :class:`~mpsnn.backends.convolution.Conv2dBackwardPlan` and the weights it ran with.
+    Keyed by the three images' tensor shapes, strides and dtypes, the destination's channel
+    format, the forward geometry of the gradient state and the gradient kernel's properties;
+    used for whole-image encodes into an explicit destination."""
+
+    __slots__ = ("conv", "w", "need_data")
+
+    def __init__(self, conv: conv_backend.Conv2dBackwardPlan, w: torch.Tensor, need_data: bool) -> None:
+        self.conv, self.w, self.need_data = conv, w, need_data
 
 
 class MPSCNNFullyConnected(WholeImageWindow, MPSCNNConvolution):
@@ -564,6 +714,7 @@ class MPSCNNFullyConnected(WholeImageWindow, MPSCNNConvolution):
 
     _kind = "fully_connected"
     _default_padding = int(MPSNNPaddingMethod.sizeValidOnly)
+    _use_plans = False
 
     def __init__(self, device: Device | str, weights: MPSCNNConvolutionDataSource | None = None, **legacy: Any) -> None:
         super().__init__(device, weights, **legacy)
@@ -590,6 +741,7 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
     ``db[o] = Σ_n E(n,o)`` with the FC weight layout (convolution.md §14.2)."""
 
     _kind = "fully_connected"
+    _use_plans = False
 
     def _gradient_inputs(self, prim, sec, region, pg, sg, f):  # type: ignore[no-untyped-def]
         e = prim.tensor[pg.n0:pg.n0 + region.count, 0:1, 0:1, pg.c0:pg.c0 + self._geom.output_channels]
