@@ -273,8 +273,10 @@ class Row:
     fwd: Timing          # mpsnn, explicit destination
     auto: Timing         # mpsnn, auto-sized destination
     peer_fwd: Timing
-    bwd: Timing
-    peer_bwd: Timing
+    bwd: Timing          # mpsnn gradient, explicit destination
+    bwd_auto: Timing     # mpsnn gradient, auto-sized result
+    peer_bwd: Timing     # torch data + weight gradients (ResNet has no biases)
+    peer_bwd_bias: Timing  # torch data + weight + bias gradients (what mpsnn computes)
     errors: dict[str, float]
     notes: list[str]
 
@@ -301,6 +303,10 @@ def bench_shape(shape: ConvShape, count: int, batch: int, reps: int, dev: m.Devi
 
     def peer_bwd() -> tuple[torch.Tensor, torch.Tensor, Any]:
         return torch.ops.aten.convolution_backward(dy_nchw, x_nchw, w, None, stride, padding, dilation, False, [0, 0], 1, [True, True, False])
+
+    def peer_bwd_bias() -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return torch.ops.aten.convolution_backward(dy_nchw, x_nchw, w, [shape.cout], stride, padding, dilation, False, [0, 0], 1,
+                                                   [True, True, True])
 
     y_ref = peer_fwd()
     dx_ref, dw_ref, _ = peer_bwd()
@@ -394,7 +400,19 @@ def bench_shape(shape: ConvShape, count: int, batch: int, reps: int, dev: m.Devi
         bwd = time_launches(lambda cb: grad.encode(cb, dy_img, x_img, next(states), dx_img), inner_b, reps, queue)
         del pool, states
     errors["dx timed"] = rel_err(dx_img.tensor, dx_ref)
-    return Row(shape, count, fwd, auto, peer_f, bwd, peer_b, errors, notes)
+
+    def encode_grad_auto(cb: Any) -> Any:
+        img = grad.encode(cb, dy_img, x_img, state)
+        if getattr(img, "is_temporary", False):
+            img.read_count = 0
+        return img
+
+    dx_auto = run(lambda cb: grad.encode(cb, dy_img, x_img, state))
+    errors["dx auto"] = rel_err(dx_auto.tensor, dx_ref)
+    del dx_auto
+    bwd_auto = time_launches(encode_grad_auto, inner_b, reps, queue) if reusable else bwd
+    peer_bb = time_launches(lambda _cb: peer_bwd_bias(), inner_b, reps)
+    return Row(shape, count, fwd, auto, peer_f, bwd, bwd_auto, peer_b, peer_bb, errors, notes)
 
 
 @dataclass
@@ -402,7 +420,9 @@ class NetworkRow:
     fwd: Timing
     peer_fwd: Timing
     bwd: Timing
+    bwd_auto: Timing
     peer_bwd: Timing
+    peer_bwd_bias: Timing
 
 
 def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev: m.Device, queue: m.MTLCommandQueue,
@@ -443,6 +463,10 @@ def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev
         for o in reversed(order):
             o["grad"].encode(cb, o["dy_img"], o["x_img"], o["state"], o["dx_img"])
 
+    def mps_bwd_auto(cb: Any) -> None:
+        for o in reversed(order):
+            o["grad"].encode(cb, o["dy_img"], o["x_img"], o["state"]).read_count = 0
+
     def peer_fwd(_cb: Any) -> None:
         for o in order:
             F.conv2d(o["x"], o["w"], None, o["s"], o["p"])
@@ -452,8 +476,13 @@ def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev
             torch.ops.aten.convolution_backward(o["dy"], o["x"], o["w"], None, [o["s"]] * 2, [o["p"]] * 2, [1, 1], False, [0, 0], 1,
                                                 [True, True, False])
 
-    return NetworkRow(time_launches(mps_fwd, 1, reps, queue), time_launches(peer_fwd, 1, reps),
-                      time_launches(mps_bwd, 1, reps, queue), time_launches(peer_bwd, 1, reps))
+    def peer_bwd_bias(_cb: Any) -> None:
+        for o in reversed(order):
+            torch.ops.aten.convolution_backward(o["dy"], o["x"], o["w"], [o["w"].shape[0]], [o["s"]] * 2, [o["p"]] * 2, [1, 1], False,
+                                                [0, 0], 1, [True, True, True])
+
+    return NetworkRow(time_launches(mps_fwd, 1, reps, queue), time_launches(peer_fwd, 1, reps), time_launches(mps_bwd, 1, reps, queue),
+                      time_launches(mps_bwd_auto, 1, reps, queue), time_launches(peer_bwd, 1, reps), time_launches(peer_bwd_bias, 1, reps))
 
 
 def warm_gpu(seconds: float = 1.0) -> None:
@@ -532,11 +561,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- table ------------------------------------------------------------------------------------------
     header = (f"{'shape (k/s Cin->Cout @in)':<28}{'count':>6}{'GFLOP':>8} | {'fwd mpsnn':>10}{'torch':>8}{'ratio':>7}{'auto':>7}"
-              f"{'TF/s':>6}{'host us':>8} | {'bwd mpsnn':>10}{'torch':>8}{'ratio':>7}{'TF/s':>6} | {'max err':>8}")
+              f"{'TF/s':>6}{'host us':>8} | {'bwd mpsnn':>10}{'torch':>8}{'ratio':>7}{'auto':>7}{'+db':>7}{'TF/s':>6} | {'max err':>8}")
     out()
     out("times in ms per launch; ratio = mpsnn / torch (explicit destination; 'auto' = auto-sized form); "
         "GFLOP = forward, whole batch; bwd = data + weight gradients (2x the forward FLOPs; mpsnn's option .all "
-        "also writes the bias gradient, torch's peer does not)")
+        "also writes the bias gradient, torch's peer does not); bwd 'auto' = auto-sized gradient result; '+db' = mpsnn / torch "
+        "computing the bias gradient too")
     out(header)
     out("-" * len(header))
     mismatches: list[str] = []
@@ -546,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         err = worst(r.errors)
         out(f"{s.label():<28}{r.count:>6}{flops / 1e9:>8.1f} | {r.fwd.ms:>10.3f}{r.peer_fwd.ms:>8.3f}{r.fwd.ms / r.peer_fwd.ms:>7.3f}"
             f"{r.auto.ms / r.peer_fwd.ms:>7.3f}{flops / r.fwd.ms / 1e9:>6.0f}{r.fwd.host_us:>8.0f} | {r.bwd.ms:>10.3f}{r.peer_bwd.ms:>8.3f}"
-            f"{r.bwd.ms / r.peer_bwd.ms:>7.3f}{2 * flops / r.bwd.ms / 1e9:>6.0f} | {err:>8.1e}")
+            f"{r.bwd.ms / r.peer_bwd.ms:>7.3f}{r.bwd_auto.ms / r.peer_bwd.ms:>7.3f}{r.bwd.ms / r.peer_bwd_bias.ms:>7.3f}"
+            f"{2 * flops / r.bwd.ms / 1e9:>6.0f} | {err:>8.1e}")
         for note in r.notes:
             out(f"    note: {note}")
         bad = {k: v for k, v in r.errors.items() if not v <= TOL}   # NaN fails
@@ -558,14 +589,17 @@ def main(argv: list[str] | None = None) -> int:
             return sum(r.count * getattr(r, attr).ms for r in rows)
 
         fwd, auto, peer_f, bwd, peer_b = (total(a) for a in ("fwd", "auto", "peer_fwd", "bwd", "peer_bwd"))
+        bwd_auto, peer_bb = total("bwd_auto"), total("peer_bwd_bias")
         flops = sum(r.count * 2.0 * batch * r.shape.macs for r in rows)
         n_convs = sum(r.count for r in rows)
         out(f"{'TOTAL (x count)':<28}{n_convs:>6}{flops / 1e9:>8.1f} | {fwd:>10.3f}{peer_f:>8.3f}{fwd / peer_f:>7.3f}{auto / peer_f:>7.3f}"
-            f"{flops / fwd / 1e9:>6.0f}{'':>8} | {bwd:>10.3f}{peer_b:>8.3f}{bwd / peer_b:>7.3f}{2 * flops / bwd / 1e9:>6.0f} |")
+            f"{flops / fwd / 1e9:>6.0f}{'':>8} | {bwd:>10.3f}{peer_b:>8.3f}{bwd / peer_b:>7.3f}{bwd_auto / peer_b:>7.3f}{bwd / peer_bb:>7.3f}"
+            f"{2 * flops / bwd / 1e9:>6.0f} |")
         out()
         verdict = "PASS" if fwd / peer_f <= TARGET and bwd / peer_b <= TARGET else "MISS"
         out(f"network total, weighted by multiplicity: forward ratio {fwd / peer_f:.3f} (auto-sized form {auto / peer_f:.3f}), "
-            f"gradient ratio {bwd / peer_b:.3f}; target <= {TARGET}: {verdict}"
+            f"gradient ratio {bwd / peer_b:.3f} (auto-sized result {bwd_auto / peer_b:.3f}; against torch computing the bias "
+            f"gradient too {bwd / peer_bb:.3f}); target <= {TARGET}: {verdict}"
             + (f"  [incomplete: {len(failures)} of {len(shapes)} shapes failed]" if failures else ""))
     if rows and not failures and not args.no_network:
         try:
@@ -582,6 +616,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"   host ms mpsnn {net.fwd.host_us / 1e3:.3f} torch {net.peer_fwd.host_us / 1e3:.3f}")
             out(f"  gradient: mpsnn {net.bwd.ms:8.3f}  torch {net.peer_bwd.ms:8.3f}  ratio {net.bwd.ms / net.peer_bwd.ms:.3f}"
                 f"   host ms mpsnn {net.bwd.host_us / 1e3:.3f} torch {net.peer_bwd.host_us / 1e3:.3f}")
+            out(f"  gradient, auto-sized results: mpsnn {net.bwd_auto.ms:8.3f}  ratio {net.bwd_auto.ms / net.peer_bwd.ms:.3f}"
+                f"   host ms {net.bwd_auto.host_us / 1e3:.3f}")
+            out(f"  torch computing the bias gradients too: {net.peer_bwd_bias.ms:8.3f}  mpsnn / torch {net.bwd.ms / net.peer_bwd_bias.ms:.3f} "
+                f"(auto-sized {net.bwd_auto.ms / net.peer_bwd_bias.ms:.3f})")
             out(f"  network order, target <= {TARGET}: {verdict}")
     if mismatches:
         out(f"FAIL: {len(mismatches)} shape(s) differ from torch beyond rel err {TOL}:")

@@ -57,3 +57,19 @@ def neuron_gradient(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, p: Neu
 
 def _as_compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
+
+
+_triton_reduce = None
+
+
+def column_sum(e: torch.Tensor) -> torch.Tensor:
+    """``Σ_{n,y,x} e[n, y, x, c]`` of an NHWC tensor, accumulated and returned in float32: the
+    Triton column sum on CUDA for contiguous tensors, torch's reduction otherwise."""
+    global _triton_reduce
+    if e.is_cuda and e.is_contiguous() and e.numel() and e.dtype in (torch.float32, torch.float16, torch.bfloat16) and _triton() is not None:
+        if _triton_reduce is None:
+            from .triton import reduce as mod
+            _triton_reduce = mod
+        return _triton_reduce.column_sum(e.view(-1, e.shape[-1]))
+    return e.sum(dim=tuple(range(e.dim() - 1)), dtype=torch.float32)
+

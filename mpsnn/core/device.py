@@ -210,9 +210,15 @@ class MTLCommandBuffer:
             return free.pop()
         return torch.empty(numel, dtype=dtype, device=self.device.torch_device)
 
+    #: storage blocks kept per (size, dtype); more are handed back to torch's caching allocator
+    #: (results that kernels made themselves and images adopted would otherwise pile up here)
+    POOL_BLOCKS_PER_SIZE = 4
+
     def _return_storage(self, flat: torch.Tensor) -> None:
         if self._status != MTLCommandBufferStatus.completed:
-            self._pool[(flat.numel(), flat.dtype)].append(flat)
+            free = self._pool[(flat.numel(), flat.dtype)]
+            if len(free) < self.POOL_BLOCKS_PER_SIZE:
+                free.append(flat)
 
     def pooled_storage_count(self) -> int:
         """Number of storage blocks waiting in this command buffer's temporary pool."""

@@ -628,8 +628,8 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         dest = self._check_image("destination_image", destination_gradient, cb)
         if prim.parent is not None or sec.parent is not None or dest.parent is not None:
             return general(cb, prim, sec, st, dest)
-        et, xt, dt = prim.tensor, sec.tensor, dest.tensor
-        key = (et.shape, et.stride(), et.dtype, xt.shape, xt.stride(), xt.dtype, dt.shape, dt.stride(), dt.dtype, dest.feature_channel_format,
+        et, xt = prim.tensor, sec.tensor
+        key = (et.shape, et.stride(), et.dtype, xt.shape, xt.stride(), xt.dtype, dest.shape, dest.dtype, dest.feature_channel_format,
                st.geometry, self._plan_properties(self))
         plan = self._plans.get(key)
         if plan is None:
@@ -641,9 +641,11 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         self._check_no_alias(dest, prim, sec)
         self._forward, self._gradient_state = st.geometry, st
         with cb.encoding(self._name()):
-            dw, db = plan.conv.run(et, xt, plan.w, dt if plan.need_data else None)
+            dx, dw, db = plan.conv.run(et, xt, plan.w)
             if dw is not None:
                 self._store_weight_gradients(st, dw, db)
+            if dx is not None:
+                write_result(dest, plan.region, dx)
         _consume([prim, sec, st])
         return None
 
@@ -666,17 +668,14 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
                 and x.data_ptr() == sec.tensor.data_ptr() and x.shape == sec.tensor.shape):
             # whole images in, the whole destination out: a plan can replay this encode
             planned = conv_backend.plan_conv2d_backward(
-                e, x, w, dest.tensor if need_data else None, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
-                groups=g.torch_groups, left=left, top=top, edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data,
-                need_weights=need_w, need_bias=need_w)
+                e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y), groups=g.torch_groups, left=left, top=top,
+                edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data, need_weights=need_w, need_bias=need_w)
         if planned is not None:
-            dw, db = planned.run(e, x, w, dest.tensor if need_data else None)
-            if need_w:
-                self._store_weight_gradients(st, dw, db)
+            dx, dw, db = planned.run(e, x, w)
             if self._recording is not None:
-                self._plans[self._recording] = _GradientPlan(planned, w, need_data)
-            return
-        dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
+                self._plans[self._recording] = _GradientPlan(planned, w, region)
+        else:
+            dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
         if need_w:
             self._store_weight_gradients(st, dw, db)
         if need_data:
@@ -692,15 +691,17 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
 
 class _GradientPlan:
     """A recorded gradient encode (the counterpart of :class:`_ForwardPlan`): the backend's
-    :class:`~mpsnn.backends.convolution.Conv2dBackwardPlan` and the weights it ran with.
-    Keyed by the three images' tensor shapes, strides and dtypes, the destination's channel
-    format, the forward geometry of the gradient state and the gradient kernel's properties;
-    used for whole-image encodes into an explicit destination."""
+    :class:`~mpsnn.backends.convolution.Conv2dBackwardPlan`, the weights it ran with and the
+    destination region (the whole image). Keyed by the input tensors' shapes, strides and
+    dtypes, the destination's shape, dtype and channel format, the forward geometry of the
+    gradient state and the gradient kernel's properties; used for whole-image encodes into
+    an explicit destination. The data gradient is stored with :func:`write_result`: a
+    destination without storage yet adopts cuDNN's result, an allocated one receives a copy."""
 
-    __slots__ = ("conv", "w", "need_data")
+    __slots__ = ("conv", "w", "region")
 
-    def __init__(self, conv: conv_backend.Conv2dBackwardPlan, w: torch.Tensor, need_data: bool) -> None:
-        self.conv, self.w, self.need_data = conv, w, need_data
+    def __init__(self, conv: conv_backend.Conv2dBackwardPlan, w: torch.Tensor, region: Region) -> None:
+        self.conv, self.w, self.region = conv, w, region
 
 
 class MPSCNNFullyConnected(WholeImageWindow, MPSCNNConvolution):

@@ -94,6 +94,21 @@ def test_set_to_zero_releases_and_then_frozen(cb):
     assert cb.pooled_storage_count() == 1
 
 
+def test_pool_keeps_a_bounded_number_of_blocks_per_size(cb):
+    """Released storage is pooled up to POOL_BLOCKS_PER_SIZE blocks of one size; the rest goes
+    back to torch's allocator (adopted kernel results would otherwise pile up)."""
+    cap = cb.POOL_BLOCKS_PER_SIZE
+    temps = [MPSTemporaryImage(cb, image_descriptor=desc()) for _ in range(cap + 3)]
+    for t in temps:
+        t.tensor.zero_()
+    for t in temps:
+        t.read_count = 0
+    assert cb.pooled_storage_count() == cap
+    again = MPSTemporaryImage(cb, image_descriptor=desc())
+    again.tensor.zero_()
+    assert cb.pooled_storage_count() == cap - 1, "a new image of that size takes a pooled block"
+
+
 @pytest.mark.parametrize("bad", [-1, True])
 def test_read_count_rejects_bad_values(cb, bad):
     t = MPSTemporaryImage(cb, image_descriptor=desc())
