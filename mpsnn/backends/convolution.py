@@ -225,33 +225,56 @@ class Conv2dBackwardPlan:
     """The backward pass of a forward convolution that read the whole source (symmetric
     padding, no gathered or cropped spans), worked out once for a geometry.
 
-    ``run`` takes the incoming gradient ``e`` (NHWC, exactly the forward result's size) and
-    the forward source ``x``, and returns ``(dx NHWC, dw OIHW, db float32)`` (None where not
-    asked for): one ``convolution_backward`` call for the data and weight gradients, and a
-    float32 reduction of ``e`` for the bias gradient (:func:`bias_gradient`). ``dx`` is a
-    fresh channels-last tensor, so a destination that has no storage yet can adopt it.
+    ``run`` takes the incoming gradient ``e`` (NHWC, exactly the forward result's size), the
+    forward source ``x`` and optionally ``dx_out`` (the data-gradient destination, NHWC,
+    ``x``'s shape, contiguous), and returns ``(dx NHWC, dw OIHW, db float32)`` (None where
+    not asked for):
 
-    (A transposed convolution written into the destination with ``out=`` is no faster: the
-    cuDNN ``out=`` overload of ``cudnn_convolution_transpose`` computes into a temporary and
-    copies, measured 0.49 ms against 0.22 ms for the data gradient alone on a 1x1 256->128
-    ResNet layer at batch 256, bfloat16, H100.)
+    * data gradient of a stride-1 convolution on CUDA (``data_weights`` set): the adjoint of
+      a stride-1 correlation is a stride-1 correlation of ``e`` with the weights flipped and
+      transposed per group, padded by ``d·(k−1) − p``; cuDNN's forward convolution writes it
+      straight into ``dx_out`` (no copy). The flipped weights are made once per plan (the
+      kernel drops its plans when its weights change);
+    * otherwise one ``convolution_backward`` call computes the data and weight gradients and
+      ``dx`` is a fresh channels-last tensor (a destination with no storage yet adopts it,
+      an allocated one receives a copy). cuDNN's ``out=`` form of the transposed convolution
+      is no way around that copy: it computes into a temporary and copies (measured 0.49 ms
+      against 0.22 ms for the data gradient alone, 1x1 256->128 at 56x56, batch 256, bf16,
+      H100);
+    * the bias gradient is a float32 column sum of ``e`` (:func:`bias_gradient`).
     """
 
-    __slots__ = ("pad", "stride", "dilation", "groups", "allow_tf32", "need_data", "need_weights", "need_bias")
+    __slots__ = ("pad", "stride", "dilation", "groups", "allow_tf32", "need_data", "need_weights", "need_bias", "data_weights", "data_pad")
 
     def __init__(self, pad: list[int], stride: list[int], dilation: list[int], groups: int, allow_tf32: bool,
-                 need_data: bool, need_weights: bool, need_bias: bool) -> None:
+                 need_data: bool, need_weights: bool, need_bias: bool, data_weights: torch.Tensor | None, data_pad: list[int]) -> None:
         self.pad, self.stride, self.dilation, self.groups, self.allow_tf32 = pad, stride, dilation, groups, allow_tf32
         self.need_data, self.need_weights, self.need_bias = need_data, need_weights, need_bias
+        self.data_weights, self.data_pad = data_weights, data_pad
 
-    def run(self, e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        gi = gw = None
-        if self.need_data or self.need_weights:
+    @property
+    def writes_data_directly(self) -> bool:
+        return self.need_data and self.data_weights is not None
+
+    def run(self, e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
+            dx_out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        en = e.permute(0, 3, 1, 2)
+        dx = None
+        need_data = self.need_data
+        if need_data and self.data_weights is not None and dx_out is not None:
+            if _cudnn_into("cudnn_convolution", dx_out.permute(0, 3, 1, 2), en, self.data_weights, self.data_pad, [1, 1], self.dilation,
+                           self.groups, self.allow_tf32):
+                dx, need_data = dx_out, False
+            else:
+                self.data_weights = None  # no cuDNN `out=` form in this build
+        gw = None
+        if need_data or self.need_weights:
             with tf32(self.allow_tf32, x):
                 gi, gw, _ = torch.ops.aten.convolution_backward.default(
-                    e.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), w_oihw, None, self.stride, self.pad, self.dilation, False, [0, 0], self.groups,
-                    [self.need_data, self.need_weights, False])
-        dx = gi.permute(0, 2, 3, 1) if gi is not None and self.need_data else None
+                    en, x.permute(0, 3, 1, 2), w_oihw, None, self.stride, self.pad, self.dilation, False, [0, 0], self.groups,
+                    [need_data, self.need_weights, False])
+            if need_data:
+                dx = gi.permute(0, 2, 3, 1)
         return dx, (gw if self.need_weights else None), (bias_gradient(e) if self.need_bias else None)
 
 
@@ -284,8 +307,11 @@ def plan_conv2d_backward(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
         return None
     if not (e.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last) and x.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last)):
         return None
+    data_weights, data_pad = None, [winy - 1 - py.pad, winx - 1 - px.pad]
+    if (need_data and x.is_cuda and stride == (1, 1) and min(data_pad) >= 0 and _cudnn_out_fns.get("cudnn_convolution") is not False):
+        data_weights = _transpose_weights(w_oihw, groups).contiguous(memory_format=torch.channels_last)
     return Conv2dBackwardPlan([py.pad, px.pad], [stride[1], stride[0]], [dilation[1], dilation[0]], groups, allow_tf32,
-                              need_data, need_weights, need_bias)
+                              need_data, need_weights, need_bias, data_weights, data_pad)
 
 
 def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int],

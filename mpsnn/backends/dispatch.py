@@ -62,11 +62,17 @@ def _as_compute(t: torch.Tensor) -> torch.Tensor:
 _triton_reduce = None
 
 
+#: from this many elements the Triton column sum pays for its launch (~30 µs of host time
+#: against ~10 µs for torch's reduction, which runs at ~0.8 TB/s on an H100)
+COLUMN_SUM_TRITON_MIN = 1 << 21
+
+
 def column_sum(e: torch.Tensor) -> torch.Tensor:
     """``Σ_{n,y,x} e[n, y, x, c]`` of an NHWC tensor, accumulated and returned in float32: the
-    Triton column sum on CUDA for contiguous tensors, torch's reduction otherwise."""
+    Triton column sum on CUDA for large contiguous tensors, torch's reduction otherwise."""
     global _triton_reduce
-    if e.is_cuda and e.is_contiguous() and e.numel() and e.dtype in (torch.float32, torch.float16, torch.bfloat16) and _triton() is not None:
+    if (e.is_cuda and e.numel() >= COLUMN_SUM_TRITON_MIN and e.is_contiguous() and e.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _triton() is not None):
         if _triton_reduce is None:
             from .triton import reduce as mod
             _triton_reduce = mod

@@ -641,11 +641,7 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         self._check_no_alias(dest, prim, sec)
         self._forward, self._gradient_state = st.geometry, st
         with cb.encoding(self._name()):
-            dx, dw, db = plan.conv.run(et, xt, plan.w)
-            if dw is not None:
-                self._store_weight_gradients(st, dw, db)
-            if dx is not None:
-                write_result(dest, plan.region, dx)
+            _run_gradient_plan(self, plan.conv, et, xt, plan.w, dest, plan.region, st)
         _consume([prim, sec, st])
         return None
 
@@ -671,11 +667,11 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
                 e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y), groups=g.torch_groups, left=left, top=top,
                 edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data, need_weights=need_w, need_bias=need_w)
         if planned is not None:
-            dx, dw, db = planned.run(e, x, w)
             if self._recording is not None:
                 self._plans[self._recording] = _GradientPlan(planned, w, region)
-        else:
-            dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
+            _run_gradient_plan(self, planned, e, x, w, dest, region, st)
+            return
+        dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
         if need_w:
             self._store_weight_gradients(st, dw, db)
         if need_data:
@@ -687,6 +683,23 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         return conv_backend.conv2d_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                  groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
                                                  need_data=need_data, need_weights=need_w, need_bias=need_w)
+
+
+def _run_gradient_plan(kernel: "ConvolutionGradientBase", plan: conv_backend.Conv2dBackwardPlan, e: torch.Tensor, x: torch.Tensor,
+                       w: torch.Tensor, dest: MPSImage, region: Region, st: Any) -> None:
+    """Run a gradient plan: the data gradient straight into ``dest`` where the plan can,
+    else stored with :func:`write_result`; dW and db into the gradient state."""
+    dx_out = None
+    if plan.writes_data_directly:
+        dx_out = dest.tensor
+        if not dx_out.is_contiguous():
+            dx_out = None
+    dx, dw, db = plan.run(e, x, w, dx_out)
+    if dw is not None:
+        assert db is not None  # weights and bias gradients come together (gradient_option)
+        kernel._store_weight_gradients(st, dw, db)
+    if dx is not None and dx is not dx_out:
+        write_result(dest, region, dx)
 
 
 class _GradientPlan:
