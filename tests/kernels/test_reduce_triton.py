@@ -54,13 +54,16 @@ def test_column_sum_special_values() -> None:
 
 
 @cuda
-def test_dispatch_uses_triton_for_contiguous_cuda_tensors(monkeypatch) -> None:
+def test_dispatch_uses_triton_for_large_contiguous_cuda_tensors(monkeypatch) -> None:
     calls = []
     assert tr is not None
     real = tr.column_sum
     monkeypatch.setattr(tr, "column_sum", lambda x: calls.append(x.shape) or real(x))
     monkeypatch.setattr(dispatch, "_triton_reduce", tr)
     e = torch.randn(2, 5, 6, 12, device="cuda", dtype=torch.bfloat16)
+    dispatch.column_sum(e)                       # small: torch's reduction (cheaper to launch)
+    assert calls == []
+    monkeypatch.setattr(dispatch, "COLUMN_SUM_TRITON_MIN", 0)
     torch.testing.assert_close(dispatch.column_sum(e).double(), e.double().sum((0, 1, 2)), rtol=0, atol=1e-4)
     assert calls == [(60, 12)]
     dispatch.column_sum(e[:, :, :, :8])          # not contiguous: torch's reduction
