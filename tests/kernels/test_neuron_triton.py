@@ -21,19 +21,9 @@ from mpsnn.backends import dispatch
 from mpsnn.backends import torch_eager as te
 from mpsnn.backends.torch_eager import NeuronParams
 from mpsnn.core.enums import MPSCNNNeuronType as T
+from mpsnn.testing.engines import triton_module
 
-
-def _triton_neuron():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from mpsnn.backends.triton import neuron as mod
-    except ImportError:
-        return None
-    return mod if mod.available() else None
-
-
-tn = _triton_neuron()
+tn = triton_module("neuron")
 
 pytestmark = [
     pytest.mark.cuda,

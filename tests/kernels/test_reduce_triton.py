@@ -7,19 +7,9 @@ import pytest
 import torch
 
 from mpsnn.backends import dispatch
+from mpsnn.testing.engines import triton_module
 
-
-def _triton_reduce():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from mpsnn.backends.triton import reduce as mod
-    except ImportError:
-        return None
-    return mod if mod.available() else None
-
-
-tr = _triton_reduce()
+tr = triton_module("reduce")
 cuda = pytest.mark.skipif(tr is None, reason="no CUDA device with Triton")
 SHAPES = [(1, 1), (1, 7), (5, 3), (37, 64), (1000, 5), (4099, 128), (802816 // 16, 128), (12544, 2048), (3, 4100)]
 
