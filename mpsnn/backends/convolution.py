@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..core.enums import MPSImageEdgeMode
 from ..core.regions import read_window
+from . import dispatch
 
 
 @contextmanager
@@ -82,14 +83,27 @@ def plan_axis(start: int, count: int, stride: int, win: int, size: int) -> AxisP
     return AxisPlan(start if skip else lo, hi, 0, 0, (pl, pr))
 
 
+def windows(w_oihw: torch.Tensor, dilation: tuple[int, int]) -> tuple[int, int]:
+    """The dilated window extents ``(kWd, kHd)`` of OIHW weights."""
+    return (w_oihw.shape[3] - 1) * dilation[0] + 1, (w_oihw.shape[2] - 1) * dilation[1] + 1
+
+
+def plan_axes(left: int, top: int, out_w: int, out_h: int, sx: int, sy: int, winx: int, winy: int, w: int, h: int,
+              edge_mode: MPSImageEdgeMode) -> tuple[AxisPlan, AxisPlan, bool]:
+    """Both axes' plans for windows on a ``w x h`` source, and whether the span must be
+    gathered with clamped indices (edge mode clamp with windows that leave the image)."""
+    px = plan_axis(left, out_w, sx, winx, w)
+    py = plan_axis(top, out_h, sy, winy, h)
+    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * sx + winx and py.hi - py.lo == (out_h - 1) * sy + winy
+    return px, py, edge_mode == MPSImageEdgeMode.clamp and not inside
+
+
 def _span(x: torch.Tensor, left: int, top: int, out_w: int, out_h: int, sx: int, sy: int, winx: int, winy: int,
           edge_mode: MPSImageEdgeMode) -> tuple[torch.Tensor, AxisPlan, AxisPlan, bool]:
     """The NCHW (channels-last) input torch convolves, its plans, and whether it is a gathered copy."""
     n, h, w, c = x.shape
-    px = plan_axis(left, out_w, sx, winx, w)
-    py = plan_axis(top, out_h, sy, winy, h)
-    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * sx + winx and py.hi - py.lo == (out_h - 1) * sy + winy
-    if edge_mode == MPSImageEdgeMode.clamp and not inside:
+    px, py, gather = plan_axes(left, top, out_w, out_h, sx, sy, winx, winy, w, h, edge_mode)
+    if gather:
         span = read_window(x, left, top, (out_w - 1) * sx + winx, (out_h - 1) * sy + winy, edge_mode)
         return span.permute(0, 3, 1, 2), AxisPlan(0, 0, 0, 0, (0, 0)), AxisPlan(0, 0, 0, 0, (0, 0)), True
     xs = x[:, py.lo:py.hi, px.lo:px.hi, :].permute(0, 3, 1, 2)
@@ -187,13 +201,10 @@ def plan_conv2d(x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int
     """A :class:`Conv2dPlan` writing ``out`` (NHWC ``[N, out_h, out_w, Cout]``, ``x``'s dtype),
     or None when the windows need the general path of :func:`conv2d_nhwc` (edge mode clamp
     with windows that leave the image: the span is gathered with clamped indices)."""
-    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
-    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    winx, winy = windows(w_oihw, dilation)
     n, h, w, _ = x.shape
-    px = plan_axis(left, out_w, stride[0], winx, w)
-    py = plan_axis(top, out_h, stride[1], winy, h)
-    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * stride[0] + winx and py.hi - py.lo == (out_h - 1) * stride[1] + winy
-    if edge_mode == MPSImageEdgeMode.clamp and not inside:
+    px, py, gather = plan_axes(left, top, out_w, out_h, stride[0], stride[1], winx, winy, w, h, edge_mode)
+    if gather:
         return None
     if not (out.shape == (n, out_h, out_w, w_oihw.shape[0]) and out.dtype == x.dtype == w_oihw.dtype):
         return None
@@ -212,8 +223,7 @@ def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None
     """Correlate NHWC ``x`` with OIHW weights for windows whose first taps are ``(left, top)``;
     returns ``[N, out_h, out_w, Cout]`` NHWC in ``x``'s dtype (the general path; see
     :func:`plan_conv2d` for the planned one that writes a destination directly)."""
-    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
-    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    winx, winy = windows(w_oihw, dilation)
     xs, px, py, _ = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
     with tf32(allow_tf32, x):
         y = F.conv2d(xs, w_oihw, bias, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)
@@ -281,7 +291,6 @@ class Conv2dBackwardPlan:
 def bias_gradient(e: torch.Tensor) -> torch.Tensor:
     """``db[o] = Σ_{n,y,x} e[n, y, x, o]`` of an NHWC gradient, accumulated and returned in
     float32 (through :mod:`mpsnn.backends.dispatch`'s column sum where it has a fast kernel)."""
-    from . import dispatch
     return dispatch.column_sum(e)
 
 
@@ -293,13 +302,9 @@ def plan_conv2d_backward(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
     gathered clamp spans, inputs that are not whole channels-last images)."""
     n, out_h, out_w, cout = e.shape
     h, w = x.shape[1], x.shape[2]
-    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
-    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
-    px = plan_axis(left, out_w, stride[0], winx, w)
-    py = plan_axis(top, out_h, stride[1], winy, h)
-    inside = px.lo == left and py.lo == top and px.hi - px.lo == (out_w - 1) * stride[0] + winx and py.hi - py.lo == (out_h - 1) * stride[1] + winy
-    if ((edge_mode == MPSImageEdgeMode.clamp and not inside) or px.explicit != (0, 0) or py.explicit != (0, 0) or px.skip or py.skip
-            or (px.lo, px.hi, py.lo, py.hi) != (0, w, 0, h)):
+    winx, winy = windows(w_oihw, dilation)
+    px, py, gather = plan_axes(left, top, out_w, out_h, stride[0], stride[1], winx, winy, w, h, edge_mode)
+    if gather or px.explicit != (0, 0) or py.explicit != (0, 0) or px.skip or py.skip or (px.lo, px.hi, py.lo, py.hi) != (0, w, 0, h):
         return None
     full_h = (h + 2 * py.pad - winy) // stride[1] + 1
     full_w = (w + 2 * px.pad - winx) // stride[0] + 1
@@ -325,8 +330,7 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
     with a plan that writes the data gradient into the destination directly.
     """
     n, out_h, out_w, cout = e.shape
-    winx = (w_oihw.shape[3] - 1) * dilation[0] + 1
-    winy = (w_oihw.shape[2] - 1) * dilation[1] + 1
+    winx, winy = windows(w_oihw, dilation)
     xs, px, py, gathered = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
     full_h = (xs.shape[2] + 2 * py.pad - winy) // stride[1] + 1
     full_w = (xs.shape[3] + 2 * px.pad - winx) // stride[0] + 1
