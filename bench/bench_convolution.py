@@ -43,7 +43,7 @@ errors are reported with the shape and re-raised at the end), 2 without CUDA.
 Network order (after the table; ``--no-network`` skips it): all 53 convolutions in the order
 a training step runs them -- the forward pass conv1 ... layer4, then the gradient pass in
 reverse -- timed as one sequence per sample (mpsnn: one command buffer), against the same
-sequence of torch calls. This is how the kernels are used: the host encodes ahead of the GPU,
+sequence of torch calls; then both passes as one sequence (a training step's convolutions). This is how the kernels are used: the host encodes ahead of the GPU,
 so the per-encode host time is hidden wherever the sequence's GPU time exceeds it. The
 per-shape rows, by contrast, repeat one small convolution back to back and show the host
 cost of an encode wherever it exceeds the GPU time of that one convolution.
@@ -423,6 +423,9 @@ class NetworkRow:
     bwd_auto: Timing
     peer_bwd: Timing
     peer_bwd_bias: Timing
+    step: Timing            # mpsnn forward then gradient pass, one command buffer
+    peer_step: Timing       # torch forward then data + weight gradients
+    peer_step_bias: Timing  # torch forward then data + weight + bias gradients (mpsnn's work)
 
 
 def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev: m.Device, queue: m.MTLCommandQueue,
@@ -481,8 +484,21 @@ def bench_network(convs: list[tuple[str, ConvShape]], batch: int, reps: int, dev
             torch.ops.aten.convolution_backward(o["dy"], o["x"], o["w"], [o["w"].shape[0]], [o["s"]] * 2, [o["p"]] * 2, [1, 1], False,
                                                 [0, 0], 1, [True, True, True])
 
+    def mps_step(cb: Any) -> None:
+        mps_fwd(cb)
+        mps_bwd(cb)
+
+    def peer_step(cb: Any) -> None:
+        peer_fwd(cb)
+        peer_bwd(cb)
+
+    def peer_step_bias(cb: Any) -> None:
+        peer_fwd(cb)
+        peer_bwd_bias(cb)
+
     return NetworkRow(time_launches(mps_fwd, 1, reps, queue), time_launches(peer_fwd, 1, reps), time_launches(mps_bwd, 1, reps, queue),
-                      time_launches(mps_bwd_auto, 1, reps, queue), time_launches(peer_bwd, 1, reps), time_launches(peer_bwd_bias, 1, reps))
+                      time_launches(mps_bwd_auto, 1, reps, queue), time_launches(peer_bwd, 1, reps), time_launches(peer_bwd_bias, 1, reps),
+                      time_launches(mps_step, 1, reps, queue), time_launches(peer_step, 1, reps), time_launches(peer_step_bias, 1, reps))
 
 
 def warm_gpu(seconds: float = 1.0) -> None:
@@ -620,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"   host ms {net.bwd_auto.host_us / 1e3:.3f}")
             out(f"  torch computing the bias gradients too: {net.peer_bwd_bias.ms:8.3f}  mpsnn / torch {net.bwd.ms / net.peer_bwd_bias.ms:.3f} "
                 f"(auto-sized {net.bwd_auto.ms / net.peer_bwd_bias.ms:.3f})")
+            out(f"  training step (forward then gradients, one sequence): mpsnn {net.step.ms:8.3f}  torch {net.peer_step.ms:8.3f}  "
+                f"ratio {net.step.ms / net.peer_step.ms:.3f}; torch with the bias gradients {net.peer_step_bias.ms:8.3f}  "
+                f"ratio {net.step.ms / net.peer_step_bias.ms:.3f}   host ms mpsnn {net.step.host_us / 1e3:.3f}")
             out(f"  network order, target <= {TARGET}: {verdict}")
     if mismatches:
         out(f"FAIL: {len(mismatches)} shape(s) differ from torch beyond rel err {TOL}:")

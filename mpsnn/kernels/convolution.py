@@ -558,19 +558,21 @@ class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
         opt = MPSCNNConvolutionGradientOption(self.gradient_option)
         return bool(opt & MPSCNNConvolutionGradientOption.gradientWithData), bool(opt & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias)
 
-    def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, db: torch.Tensor) -> None:
+    def _store_weight_gradients(self, st: MPSCNNConvolutionGradientState, dw_oihw: torch.Tensor, e: torch.Tensor) -> None:
+        """Store ``dW`` and the bias gradient ``db[o] = Σ e[..., o]`` of the incoming gradient
+        ``e`` (NHWC) into the state's float32 buffers: overwritten by the first encode into a
+        state, added by the rest of an ``encode_batch``. ``copy_`` / ``add_`` convert dW in
+        the same kernel; the column sum writes ``db`` into its buffer directly."""
         gw, gb = st._buffers()
-        # copy_ / add_ convert to the float32 buffers in the same kernel (no separate casts)
         dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
         first = self._accumulating is None or id(st) not in self._accumulating
         if first:
             gw.copy_(dw.reshape(gw.shape))
-            gb.copy_(db)
             if self._accumulating is not None:
                 self._accumulating.add(id(st))
         else:
             gw.add_(dw.reshape(gw.shape))
-            gb.add_(db)
+        dispatch.column_sum(e, out=gb, accumulate=not first)
 
 
 class MPSCNNConvolutionGradient(ConvolutionGradientBase):
@@ -615,8 +617,9 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
     _use_plans = True
 
     def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def]
-        """As :meth:`MPSCNNGradientKernel.encode`. Repeated encodes of one geometry into an
-        explicit destination replay a plan recorded by the first (see :class:`_GradientPlan`)."""
+        """As :meth:`MPSCNNGradientKernel.encode`. Repeated encodes of one geometry replay a
+        plan recorded by the first (see :class:`_GradientPlan`); with an explicit destination
+        the replay also skips the state and descriptor handling of the general path."""
         self._check_state_type("gradient_state", gradient_state)
         general = super().encode
         if destination_gradient is None or not self._use_plans:
@@ -626,24 +629,44 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         sec = self._check_image("source_image", source_image, cb)
         st = self._check_state("gradient_state", gradient_state, cb)
         dest = self._check_image("destination_image", destination_gradient, cb)
-        if prim.parent is not None or sec.parent is not None or dest.parent is not None:
-            return general(cb, prim, sec, st, dest)
-        et, xt = prim.tensor, sec.tensor
-        key = (et.shape, et.stride(), et.dtype, xt.shape, xt.stride(), xt.dtype, dest.shape, dest.dtype, dest.feature_channel_format,
-               st.geometry, self._plan_properties(self))
-        plan = self._plans.get(key)
+        plan = self._plans.get(self._plan_key(prim, sec, dest, st)) if prim.parent is None and sec.parent is None and dest.parent is None else None
         if plan is None:
-            self._recording = key
-            try:
-                return general(cb, prim, sec, st, dest)
-            finally:
-                self._recording = None
-        self._check_no_alias(dest, prim, sec)
+            return general(cb, prim, sec, st, dest)
         self._forward, self._gradient_state = st.geometry, st
-        with cb.encoding(self._name()):
-            _run_gradient_plan(self, plan.conv, et, xt, plan.w, dest, plan.region, st)
+        self._replay(cb, plan, prim, sec, dest, st)
         _consume([prim, sec, st])
         return None
+
+    def _plan_key(self, prim: MPSImage, sec: MPSImage, dest: MPSImage, st: Any) -> tuple:
+        """What a gradient plan depends on: the tensors' shapes, strides and dtypes, the
+        destination's channel format, the forward geometry and the kernel's properties."""
+        et, xt = prim.tensor, sec.tensor
+        return (et.shape, et.stride(), et.dtype, xt.shape, xt.stride(), xt.dtype, dest.shape, dest.dtype, dest.feature_channel_format,
+                st.geometry, self._plan_properties(self))
+
+    def _replay(self, cb: MTLCommandBuffer, plan: "_GradientPlan", prim: MPSImage, sec: MPSImage, dest: MPSImage, st: Any) -> None:
+        self._check_no_alias(dest, prim, sec)
+        with cb.encoding(self._name()):
+            _run_gradient_plan(self, plan.conv, prim.tensor, sec.tensor, plan.w, dest, plan.region, st)
+
+    def _encode_checked(self, cb, prim, sec, dest, state):  # type: ignore[no-untyped-def]
+        """Every encode form ends here once its destination exists (the auto-sized forms after
+        the descriptor pipeline allocated it): replay a recorded plan, else take the general
+        path, recording a plan where :meth:`_encode_region` finds one."""
+        st = self._gradient_state
+        if (state is not None or not self._use_plans or not isinstance(dest, MPSImage) or not isinstance(st, self._state_class)
+                or prim.parent is not None or sec.parent is not None or dest.parent is not None):
+            return super()._encode_checked(cb, prim, sec, dest, state)
+        key = self._plan_key(prim, sec, dest, st)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._replay(cb, plan, prim, sec, dest, st)
+            return None
+        self._recording = key
+        try:
+            return super()._encode_checked(cb, prim, sec, dest, state)
+        finally:
+            self._recording = None
 
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
         f, st = self._checked_forward(dest, sec)
@@ -665,15 +688,16 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
             # whole images in, the whole destination out: a plan can replay this encode
             planned = conv_backend.plan_conv2d_backward(
                 e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y), groups=g.torch_groups, left=left, top=top,
-                edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data, need_weights=need_w, need_bias=need_w)
+                edge_mode=f.edge_mode, allow_tf32=self._allow_tf32(), need_data=need_data, need_weights=need_w, need_bias=False)
         if planned is not None:
             if self._recording is not None:
                 self._plans[self._recording] = _GradientPlan(planned, w, region)
             _run_gradient_plan(self, planned, e, x, w, dest, region, st)
             return
-        dx, dw, db = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
+        dx, dw = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
         if need_w:
-            self._store_weight_gradients(st, dw, db)
+            assert dw is not None
+            self._store_weight_gradients(st, dw, e)
         if need_data:
             assert dx is not None
             write_result(dest, region, dx)
@@ -682,7 +706,7 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         g = self._geom
         return conv_backend.conv2d_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                  groups=g.torch_groups, left=left, top=top, edge_mode=edge_mode, allow_tf32=self._allow_tf32(),
-                                                 need_data=need_data, need_weights=need_w, need_bias=need_w)
+                                                 need_data=need_data, need_weights=need_w, need_bias=False)[:2]
 
 
 def _run_gradient_plan(kernel: "ConvolutionGradientBase", plan: conv_backend.Conv2dBackwardPlan, e: torch.Tensor, x: torch.Tensor,
@@ -694,10 +718,9 @@ def _run_gradient_plan(kernel: "ConvolutionGradientBase", plan: conv_backend.Con
         dx_out = dest.tensor
         if not dx_out.is_contiguous():
             dx_out = None
-    dx, dw, db = plan.run(e, x, w, dx_out)
-    if dw is not None:
-        assert db is not None  # weights and bias gradients come together (gradient_option)
-        kernel._store_weight_gradients(st, dw, db)
+    dx, dw, _ = plan.run(e, x, w, dx_out)
+    if dw is not None:  # weights and bias gradients come together (gradient_option)
+        kernel._store_weight_gradients(st, dw, e)
     if dx is not None and dx is not dx_out:
         write_result(dest, region, dx)
 
@@ -765,6 +788,6 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
         return e, x
 
     def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w, dx_out=None):  # type: ignore[no-untyped-def]
-        dx, dw, db = conv_backend.fully_connected_backward_nhwc(e, x, w.permute(0, 2, 3, 1), self._allow_tf32(), need_data, need_w, need_w)
-        return dx, (dw.permute(0, 3, 1, 2) if dw is not None else None), db
+        dx, dw, _ = conv_backend.fully_connected_backward_nhwc(e, x, w.permute(0, 2, 3, 1), self._allow_tf32(), need_data, need_w, False)
+        return dx, (dw.permute(0, 3, 1, 2) if dw is not None else None)
 

@@ -209,12 +209,12 @@ class MPSCNNConvolutionTransposeGradient(ConvolutionGradientBase):
         tx = f.offset.x * g.stride_x + kx + (fx0 - f.clip_rect.origin.x)
         ty = f.offset.y * g.stride_y + ky + (fy0 - f.clip_rect.origin.y)
         need_data, need_w = self._needs()
-        dx, dw, db = conv_backend.conv_transpose_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
+        dx, dw, _ = conv_backend.conv_transpose_backward_nhwc(e, x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                                                groups=g.groups, tx=tx, ty=ty, allow_tf32=self._allow_tf32(),
-                                                               need_data=need_data, need_weights=need_w, need_bias=need_w)
+                                                               need_data=need_data, need_weights=need_w, need_bias=False)
         if need_w:
-            assert dw is not None and db is not None
-            self._store_weight_gradients(st, dw, db)
+            assert dw is not None
+            self._store_weight_gradients(st, dw, e)
         if need_data:
             assert dx is not None
             write_result(dest, region, dx)

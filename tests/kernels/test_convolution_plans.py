@@ -260,6 +260,56 @@ def test_gradient_replays_one_plan(device, queue, general_paths, spec: dict[str,
     assert general_paths["gradient"] == 1, "the later gradient encodes replay the plan"
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_auto_sized_gradient_replays(device, queue, general_paths, stride: int) -> None:
+    """The form that returns the data gradient replays the plan too (after the descriptor
+    pipeline sized and allocated the result): dS, dW and db against autograd on every step."""
+    conv, grad, w, _ = make(device, 3, 4, 6, stride=stride)
+    conv.offset = MPSOffset(1, 1, 0)                 # torch's padding 0
+    n, h, wd = 2, 9, 8
+    oh, ow = (h - 3) // stride + 1, (wd - 3) // stride + 1
+    for step in range(3):
+        x_img, xv = image(rand(40 + step, (n, h, wd, 4)), device)
+        y_img, _ = poisoned((n, oh, ow, 6), device)
+        e_img, ev = image(rand(50 + step, (n, oh, ow, 6)), device)
+        cb = queue.make_command_buffer()
+        state = conv.result_state(x_img, None, y_img)
+        conv.encode(cb, x_img, y_img, destination_state=state)
+        dx = grad.encode(cb, e_img, x_img, state)
+        got = dx.to_torch().double().cpu().numpy()
+        finish(cb)
+        ds_t, dw_t, db_t = autograd_gradients(xv, w, ev, stride, 0, 1, 1)
+        assert got.shape == ds_t.shape
+        assert_close(got, ds_t, F32, GRAD_TOL, msg=f"step {step} dS")
+        assert_close(state.gradient_for_weights.double().cpu().numpy(), dw_t, F32, GRAD_TOL, msg=f"step {step} dW")
+        assert_close(state.gradient_for_biases.double().cpu().numpy(), db_t, F32, GRAD_TOL, msg=f"step {step} db")
+    assert general_paths["gradient"] == 1, "the later auto-sized encodes replay the plan"
+
+
+def test_batch_gradient_replays_and_sums(device, queue, general_paths) -> None:
+    """``encode_batch`` with one shared state replays the plan per image and sums dW and db
+    over the batch (the first image overwrites the state's buffers, the rest add)."""
+    conv, grad, w, _ = make(device, 3, 4, 4)
+    conv.offset = MPSOffset(1, 1, 0)
+    for step in range(2):
+        xs = [image(rand(60 + 4 * step + k, (1, 6, 6, 4)), device) for k in range(3)]
+        es = [image(rand(70 + 4 * step + k, (1, 4, 4, 4)), device) for k in range(3)]
+        ys = [poisoned((1, 4, 4, 4), device)[0] for _ in range(3)]
+        dxs = [poisoned((1, 6, 6, 4), device)[0] for _ in range(3)]
+        cb = queue.make_command_buffer()
+        states = conv.result_state_batch([x for x, _ in xs], None, ys)
+        conv.encode_batch(cb, [x for x, _ in xs], ys, destination_states=states)
+        grad.encode_batch(cb, [e for e, _ in es], [x for x, _ in xs], states, dxs)
+        finish(cb)
+        xv = np.concatenate([v for _, v in xs])
+        ev = np.concatenate([v for _, v in es])
+        ds_t, dw_t, db_t = autograd_gradients(xv, w, ev, 1, 0, 1, 1)
+        assert_close(np.concatenate([values(d) for d in dxs]), ds_t, F32, GRAD_TOL)
+        assert_close(states[0].gradient_for_weights.double().cpu().numpy(), dw_t, F32, GRAD_TOL, msg="dW summed over the batch")
+        assert_close(states[0].gradient_for_biases.double().cpu().numpy(), db_t, F32, GRAD_TOL, msg="db summed over the batch")
+    assert general_paths["gradient"] == 1, "one general encode records the plan; the other five replay it"
+
+
 def test_gradient_plan_follows_option_and_forward_geometry(device, queue, general_paths) -> None:
     conv, grad, w, _ = make(device, 3, 4, 4)
     n, h, wd = 2, 6, 6

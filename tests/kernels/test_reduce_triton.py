@@ -1,12 +1,11 @@
 """The Triton column sum (``mpsnn.backends.triton.reduce``), the convolution bias gradient's
-engine on CUDA, against a float64 sum of the same values; and ``dispatch.column_sum``'s
-choice of engine (torch on the CPU and for non-contiguous tensors)."""
+engine for large float32 tensors on CUDA, against a float64 sum of the same values.
+``dispatch.column_sum`` (all engines) is tested in ``test_column_sum.py``."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mpsnn.backends import dispatch
 from mpsnn.testing.engines import triton_module
 
 tr = triton_module("reduce")
@@ -41,27 +40,3 @@ def test_column_sum_special_values() -> None:
     got = tr.column_sum(x).cpu()
     assert torch.isnan(got[0]) and got[1] == float("inf") and got[2] == 0 and got[3] == float("inf")
     assert torch.equal(got[4:], torch.zeros(2))
-
-
-@cuda
-def test_dispatch_uses_triton_for_large_contiguous_cuda_tensors(monkeypatch) -> None:
-    calls = []
-    assert tr is not None
-    real = tr.column_sum
-    monkeypatch.setattr(tr, "column_sum", lambda x: calls.append(x.shape) or real(x))
-    monkeypatch.setattr(dispatch, "_triton_reduce", tr)
-    e = torch.randn(2, 5, 6, 12, device="cuda", dtype=torch.bfloat16)
-    dispatch.column_sum(e)                       # small: torch's reduction (cheaper to launch)
-    assert calls == []
-    monkeypatch.setattr(dispatch, "COLUMN_SUM_TRITON_MIN", 0)
-    torch.testing.assert_close(dispatch.column_sum(e).double(), e.double().sum((0, 1, 2)), rtol=0, atol=1e-4)
-    assert calls == [(60, 12)]
-    dispatch.column_sum(e[:, :, :, :8])          # not contiguous: torch's reduction
-    assert calls == [(60, 12)]
-
-
-def test_dispatch_column_sum_on_the_cpu() -> None:
-    e = torch.randn(3, 4, 5, 6, dtype=torch.bfloat16)
-    got = dispatch.column_sum(e)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), e.double().sum((0, 1, 2)), rtol=0, atol=1e-4)
