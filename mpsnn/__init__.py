@@ -72,6 +72,17 @@ from .images.state import (
     MPSStateResourceList,
     MTLTextureDescriptor,
 )
+
+# The families below list their public names in their modules' ``__all__``.
+from .kernels import arithmetic as _arithmetic
+from .kernels import dropout as _dropout
+from .kernels import pooling as _pooling
+from .kernels import reduce as _reduce
+from .kernels import resampling as _resampling
+from .kernels import reshape as _reshape
+from .kernels import softmax as _softmax
+from .kernels import upsampling as _upsampling
+from .kernels.arithmetic import *  # noqa: E402,F401,F403
 from .kernels.binary_convolution import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
 from .kernels.convolution import (
     MPSCNNConvolution,
@@ -90,6 +101,7 @@ from .kernels.convolution_data import (
     MPSCNNSubPixelConvolutionDescriptor,
 )
 from .kernels.convolution_transpose import MPSCNNConvolutionTranspose, MPSCNNConvolutionTransposeGradient
+from .kernels.dropout import *  # noqa: E402,F401,F403
 from .kernels.neuron import (
     MPSCNNNeuron,
     MPSCNNNeuronAbsolute,
@@ -109,6 +121,12 @@ from .kernels.neuron import (
     MPSCNNNeuronTanH,
     MPSNNNeuronDescriptor,
 )
+from .kernels.pooling import *  # noqa: E402,F401,F403
+from .kernels.reduce import *  # noqa: E402,F401,F403
+from .kernels.resampling import *  # noqa: E402,F401,F403
+from .kernels.reshape import *  # noqa: E402,F401,F403
+from .kernels.softmax import *  # noqa: E402,F401,F403
+from .kernels.upsampling import *  # noqa: E402,F401,F403
 
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list
@@ -221,3 +239,5 @@ __all__ = [
     "NSRange",
     "default_device",
 ]
+__all__ += [*_arithmetic.__all__, *_dropout.__all__, *_pooling.__all__, *_reduce.__all__, *_resampling.__all__, *_reshape.__all__,
+            *_softmax.__all__, *_upsampling.__all__]

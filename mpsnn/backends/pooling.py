@@ -1,0 +1,264 @@
+"""Pooling numerics in torch (CPU and CUDA) on NHWC tensors: max / average / L2-norm forward
+and their gradients (spec/pooling.md).
+
+Geometry, per axis (:class:`PoolAxis`, the same fields as the Triton engine's ``Axis`` in
+``backends/triton/pooling.py`` so that engine can be slotted in per call): output ``i``'s
+taps are ``first + stride·i + dilation·k`` for ``k < taps``; ``first`` is the window centre
+of output 0 minus ``floor(E/2)``, ``E = dilation·(taps − 1) + 1``.
+
+Edge rules (``clamp`` False = edge mode zero):
+
+* max, L2: off-image taps read 0 (zero) or the nearest edge pixel (clamp);
+* average: the sum runs over the in-image taps; the divisor is ``kw·kh`` (zero) or the
+  number of taps inside the image widened by ``zero_pad`` on each side (clamp; the result is 0
+  when no tap is inside the image).
+
+Conventions: max ignores NaN taps like Metal's ``fmax`` (NaN only when every tap is NaN);
+max-pool gradients go to the first maximal tap in scan order (rows top to bottom, each left
+to right; NaN taps never win; an all-NaN window passes no gradient; with edge mode zero a
+winning off-image zero drops the window's gradient); clamp-mode aliases route gradient to the
+edge pixel they read. Max works in the storage dtype (it only selects values); average, L2
+and every gradient compute in float32 (float64 stays float64).
+
+Formulation: the taps of all windows lie in one ``span_h × span_w`` block of the source
+(``span = (out − 1)·stride + E``); that block is a view of the source when it lies inside the
+image, else a zero-padded (zero) or edge-replicated (clamp) NHWC copy. torch's pooling ops run
+on its channels-last NCHW view (a permute, no copy); gradients come back on the block and are
+folded onto the source by the block's adjoint (crop, plus the clamped rows/columns summed into
+the edge), deterministically.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PoolAxis",
+    "average_pool_gradient_nhwc",
+    "average_pool_nhwc",
+    "l2norm_pool_gradient_nhwc",
+    "l2norm_pool_nhwc",
+    "max_pool_gradient_nhwc",
+    "max_pool_nhwc",
+]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class PoolAxis:
+    """One axis of a pooling geometry: source length, output length, first tap of output 0,
+    stride, dilation, taps per window and the zero-pad size (average pooling with clamp)."""
+
+    size: int
+    out: int
+    first: int
+    stride: int
+    dilation: int
+    taps: int
+    zero_pad: int = 0
+
+    @property
+    def extent(self) -> int:
+        """Dilated window size ``E``."""
+        return self.dilation * (self.taps - 1) + 1
+
+    @property
+    def span(self) -> int:
+        """Source pixels from the first tap of output 0 to the last tap of the last output."""
+        return (self.out - 1) * self.stride + self.extent
+
+    @property
+    def inside(self) -> bool:
+        """Every tap of every window lies inside the source."""
+        return self.first >= 0 and self.first + self.span <= self.size
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+def _window(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The ``[N, span_h, span_w, C]`` block of source values the taps read (off-image values
+    per the edge rule), in ``dtype`` (default ``x``'s)."""
+    dtype = dtype or x.dtype
+    n, h, w, c = x.shape
+    sh, sw = ay.span, ax.span
+    if ay.inside and ax.inside:
+        blk = x[:, ay.first:ay.first + sh, ax.first:ax.first + sw, :]
+        return blk if blk.dtype == dtype else blk.to(dtype)
+    if clamp:
+        ys = (torch.arange(sh, device=x.device) + ay.first).clamp_(0, h - 1)
+        xs = (torch.arange(sw, device=x.device) + ax.first).clamp_(0, w - 1)
+        blk = x.index_select(1, ys).index_select(2, xs)
+        return blk if blk.dtype == dtype else blk.to(dtype)
+    out = torch.zeros((n, sh, sw, c), dtype=dtype, device=x.device)
+    y0, y1 = max(ay.first, 0), min(ay.first + sh, h)
+    x0, x1 = max(ax.first, 0), min(ax.first + sw, w)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - ay.first:y1 - ay.first, x0 - ax.first:x1 - ax.first, :] = x[:, y0:y1, x0:x1, :]
+    return out
+
+
+def _fold(t: torch.Tensor, a: PoolAxis, dim: int, clamp: bool) -> torch.Tensor:
+    """Adjoint of :func:`_window` along ``dim``: block positions ``a.first + k`` back onto the
+    source axis of length ``a.size`` (off-image positions dropped, or summed into the edge
+    pixel they alias with ``clamp``)."""
+    length = t.shape[dim]
+    if a.first == 0 and length == a.size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = a.size
+    out = t.new_zeros(shape)
+    lo = min(max(-a.first, 0), length)
+    hi = max(min(a.size - a.first, length), lo)
+    if hi > lo:
+        out.narrow(dim, a.first + lo, hi - lo).copy_(t.narrow(dim, lo, hi - lo))
+    if clamp:
+        if lo > 0:
+            out.narrow(dim, 0, 1).add_(t.narrow(dim, 0, lo).sum(dim, keepdim=True))
+        if hi < length:
+            out.narrow(dim, a.size - 1, 1).add_(t.narrow(dim, hi, length - hi).sum(dim, keepdim=True))
+    return out
+
+
+def _unfold_block(dblk: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """Gradient on the tap block (NHWC) -> gradient on the source (NHWC)."""
+    return _fold(_fold(dblk, ay, 1, clamp), ax, 2, clamp)
+
+
+def _check_window(ay: PoolAxis, ax: PoolAxis, what: str) -> None:
+    if ay.dilation != 1 or ax.dilation != 1:
+        raise ValueError(f"{what} pooling has no dilation")
+
+
+def _scratch(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised channels-last NCHW tensor: the 'input' argument of torch's pooling
+    backward ops, which read only its shape and memory format."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+# -- max ------------------------------------------------------------------------------------------
+
+
+def _max_candidates(xm: torch.Tensor, ay: PoolAxis, ax: PoolAxis, indices: bool):  # type: ignore[no-untyped-def]
+    """max_pool2d over the NaN-free key (NaN -> -inf) and over the "tap is a number" mask."""
+    nan = torch.isnan(xm)
+    key = xm.masked_fill(nan, _NEG_INF)
+    number = (~nan).to(xm.dtype)
+    k, s, d = (ay.taps, ax.taps), (ay.stride, ax.stride), (ay.dilation, ax.dilation)
+    if indices:
+        return key, F.max_pool2d(key, k, s, 0, d, return_indices=True), F.max_pool2d(number, k, s, 0, d, return_indices=True)
+    return key, F.max_pool2d(key, k, s, 0, d), F.max_pool2d(number, k, s, 0, d)
+
+
+def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """Max pooling of ``x`` ``[N, ay.size, ax.size, C]`` -> ``[N, ay.out, ax.out, C]`` in
+    ``x``'s dtype; NaN taps are ignored (NaN when every tap is NaN)."""
+    xm = _nchw(_window(x, ay, ax, clamp))
+    _, y, any_number = _max_candidates(xm, ay, ax, False)
+    return _nhwc(y.masked_fill(any_number == 0, float("nan")))
+
+
+def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """dL/dx (``x``'s shape, float32 or float64) for the incoming gradient ``g``
+    ``[N, ay.out, ax.out, C]``: each window's gradient goes to its first maximal tap."""
+    cdt = _compute_dtype(x)
+    xm = _nchw(_window(x, ay, ax, clamp))
+    key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
+    # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
+    idx = torch.where(y == _NEG_INF, first_number, idx)
+    gm = _nchw(g).to(cdt).masked_fill(any_number == 0, 0.0)
+    dblk = torch.ops.aten.max_pool2d_with_indices_backward(
+        gm, _scratch(key.shape, cdt, x.device), [ay.taps, ax.taps], [ay.stride, ax.stride], [0, 0],
+        [ay.dilation, ax.dilation], False, idx)
+    return _unfold_block(_nhwc(dblk), ay, ax, clamp)
+
+
+# -- average --------------------------------------------------------------------------------------
+
+
+def _axis_counts(a: PoolAxis, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output along one axis: taps inside the image widened by ``zero_pad``, and taps
+    inside the image proper (non-dilated windows)."""
+    lo = torch.arange(a.out, device=device, dtype=torch.int64) * a.stride + a.first
+    hi = lo + (a.extent - 1)
+    widened = (hi.clamp(max=a.size - 1 + a.zero_pad) - lo.clamp(min=-a.zero_pad) + 1).clamp_(min=0)
+    inside = (hi.clamp(max=a.size - 1) - lo.clamp(min=0) + 1).clamp_(min=0)
+    return widened.to(dtype), inside.to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _average_scale(ay: PoolAxis, ax: PoolAxis, clamp: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``1/N`` per output as an ``[out_h, out_w, 1]`` tensor (a scalar tensor for edge mode
+    zero), 0 where the window holds no in-image pixel or ``N`` is 0. Built on the device from
+    the geometry alone (no host round trip), cached per geometry."""
+    if not clamp:
+        return torch.full((), 1.0 / (ay.taps * ax.taps), dtype=dtype, device=device)
+    ny, iy = _axis_counts(ay, device, dtype)
+    nx, ix = _axis_counts(ax, device, dtype)
+    n = ny[:, None] * nx[None, :]
+    ok = (iy[:, None] * ix[None, :] > 0) & (n > 0)
+    return torch.where(ok, 1.0 / n.clamp(min=1), torch.zeros((), dtype=dtype, device=device))[:, :, None]
+
+
+def _window_sums(blk: torch.Tensor, ay: PoolAxis, ax: PoolAxis) -> torch.Tensor:
+    return _nhwc(F.avg_pool2d(_nchw(blk), (ay.taps, ax.taps), (ay.stride, ax.stride), divisor_override=1))
+
+
+def average_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """Average pooling (float32 or float64 result): the sum of the in-image taps divided by
+    ``kw·kh`` (zero) or by the shrunk tap count (clamp, with ``zero_pad``)."""
+    _check_window(ay, ax, "average")
+    cdt = _compute_dtype(x)
+    s = _window_sums(_window(x, ay, ax, False, cdt), ay, ax)
+    return s * _average_scale(ay, ax, clamp, x.device, cdt)
+
+
+def average_pool_gradient_nhwc(g: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """dL/dx ``[N, ay.size, ax.size, C]`` (float32 or float64): every in-image tap of window
+    ``p`` receives ``g(p)/N(p)``. Needs only the forward geometry, not the source values."""
+    _check_window(ay, ax, "average")
+    cdt = _compute_dtype(g)
+    w = g.to(cdt) * _average_scale(ay, ax, clamp, g.device, cdt)
+    n, _, _, c = g.shape
+    dblk = torch.ops.aten.avg_pool2d_backward(
+        _nchw(w), _scratch((n, c, ay.span, ax.span), cdt, g.device), [ay.taps, ax.taps], [ay.stride, ax.stride], [0, 0],
+        False, True, 1)
+    return _unfold_block(_nhwc(dblk), ay, ax, False)
+
+
+# -- L2 norm --------------------------------------------------------------------------------------
+
+
+def l2norm_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """``sqrt(Σ_taps x²)`` (float32 or float64 result); off-image taps per the edge rule."""
+    _check_window(ay, ax, "L2-norm")
+    blk = _window(x, ay, ax, clamp, _compute_dtype(x))
+    return _window_sums(blk * blk, ay, ax).sqrt_()
+
+
+def l2norm_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    """dL/dx (``x``'s shape, float32 or float64): ``Σ_p g(p)·x(t)/out(p)`` over the taps ``t``
+    of each window reading the pixel (0 for windows with ``out(p) = 0``)."""
+    _check_window(ay, ax, "L2-norm")
+    cdt = _compute_dtype(x)
+    blk = _window(x, ay, ax, clamp, cdt)
+    y = _window_sums(blk * blk, ay, ax).sqrt_()
+    w = torch.where(y > 0, g.to(cdt) / y.clamp(min=torch.finfo(cdt).tiny), torch.zeros((), dtype=cdt, device=x.device))
+    n, _, _, c = g.shape
+    dblk = torch.ops.aten.avg_pool2d_backward(
+        _nchw(w), _scratch((n, c, ay.span, ax.span), cdt, x.device), [ay.taps, ax.taps], [ay.stride, ax.stride], [0, 0],
+        False, True, 1)
+    return _unfold_block(_nhwc(dblk) * blk, ay, ax, clamp)
