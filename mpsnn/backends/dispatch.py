@@ -148,3 +148,20 @@ def column_sum(e: torch.Tensor, out: torch.Tensor | None = None, accumulate: boo
     elif res is not out and res.data_ptr() != out.data_ptr():
         out.copy_(res)
     return out
+
+
+_triton_modules: dict[str, object] = {}
+
+
+def triton_engine(name: str, *tensors: torch.Tensor):  # type: ignore[no-untyped-def]
+    """``mpsnn.backends.triton.<name>`` when Triton is usable (see :func:`_triton`) and every
+    tensor is a CUDA float32/float16/bfloat16 tensor with contiguous channels (last
+    dimension), else None: the caller then takes its torch path."""
+    if _triton() is None or not all(t.is_cuda and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                    and (t.dim() == 0 or t.stride(-1) == 1) for t in tensors):
+        return None
+    mod = _triton_modules.get(name)
+    if mod is None:
+        import importlib
+        mod = _triton_modules[name] = importlib.import_module(f"{__package__}.triton.{name}")
+    return mod

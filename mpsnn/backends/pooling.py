@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
+
 __all__ = [
     "PoolAxis",
     "average_pool_gradient_nhwc",
@@ -75,6 +77,19 @@ class PoolAxis:
     def inside(self) -> bool:
         """Every tap of every window lies inside the source."""
         return self.first >= 0 and self.first + self.span <= self.size
+
+
+def _engine_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where a fast engine writes: ``out`` (a destination region, channels contiguous) when it
+    has this shape and dtype, else a new tensor. The torch path never writes ``out``."""
+    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.stride(-1) == 1:
+        return out
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _engine_axis(tri, a: PoolAxis):  # type: ignore[no-untyped-def]
+    """The Triton engine's axis for ``a`` (the same fields)."""
+    return tri.Axis(a.size, a.out, a.first, a.stride, a.dilation, a.taps, a.zero_pad)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -163,18 +178,29 @@ def _max_candidates(xm: torch.Tensor, ay: PoolAxis, ax: PoolAxis, indices: bool)
     return key, F.max_pool2d(key, k, s, 0, d), F.max_pool2d(number, k, s, 0, d)
 
 
-def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Max pooling of ``x`` ``[N, ay.size, ax.size, C]`` -> ``[N, ay.out, ax.out, C]`` in
     ``x``'s dtype; NaN taps are ignored (NaN when every tap is NaN)."""
+    tri = dispatch.triton_engine("pooling", x)
+    if tri is not None:
+        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or x.dtype, x.device)
+        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.MAX, clamp)
+        return y
     xm = _nchw(_window(x, ay, ax, clamp))
     _, y, any_number = _max_candidates(xm, ay, ax, False)
     return _nhwc(y.masked_fill(any_number == 0, float("nan")))
 
 
-def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool,
+                           out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dx (``x``'s shape, float32 or float64) for the incoming gradient ``g``
     ``[N, ay.out, ax.out, C]``: each window's gradient goes to its first maximal tap."""
     cdt = _compute_dtype(x)
+    tri = dispatch.triton_engine("pooling", g, x)
+    if tri is not None and tri.gradient_supported(_engine_axis(tri, ay), _engine_axis(tri, ax), clamp):
+        dx = _engine_out(out, tuple(x.shape), out_dtype or cdt, x.device)
+        tri.pool_max_gradient(g, x, dx, _engine_axis(tri, ay), _engine_axis(tri, ax), clamp)
+        return dx
     xm = _nchw(_window(x, ay, ax, clamp))
     key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
     # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
@@ -217,20 +243,30 @@ def _window_sums(blk: torch.Tensor, ay: PoolAxis, ax: PoolAxis) -> torch.Tensor:
     return _nhwc(F.avg_pool2d(_nchw(blk), (ay.taps, ax.taps), (ay.stride, ax.stride), divisor_override=1))
 
 
-def average_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+def average_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Average pooling (float32 or float64 result): the sum of the in-image taps divided by
     ``kw·kh`` (zero) or by the shrunk tap count (clamp, with ``zero_pad``)."""
     _check_window(ay, ax, "average")
     cdt = _compute_dtype(x)
+    tri = dispatch.triton_engine("pooling", x)
+    if tri is not None:
+        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or cdt, x.device)
+        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.AVERAGE, clamp)
+        return y
     s = _window_sums(_window(x, ay, ax, False, cdt), ay, ax)
     return s * _average_scale(ay, ax, clamp, x.device, cdt)
 
 
-def average_pool_gradient_nhwc(g: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+def average_pool_gradient_nhwc(g: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dx ``[N, ay.size, ax.size, C]`` (float32 or float64): every in-image tap of window
     ``p`` receives ``g(p)/N(p)``. Needs only the forward geometry, not the source values."""
     _check_window(ay, ax, "average")
     cdt = _compute_dtype(g)
+    tri = dispatch.triton_engine("pooling", g)
+    if tri is not None:
+        dx = _engine_out(out, (g.shape[0], ay.size, ax.size, g.shape[3]), out_dtype or cdt, g.device)
+        tri.pool_average_gradient(g, dx, _engine_axis(tri, ay), _engine_axis(tri, ax), clamp)
+        return dx
     w = g.to(cdt) * _average_scale(ay, ax, clamp, g.device, cdt)
     n, _, _, c = g.shape
     dblk = torch.ops.aten.avg_pool2d_backward(
@@ -242,9 +278,14 @@ def average_pool_gradient_nhwc(g: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clam
 # -- L2 norm --------------------------------------------------------------------------------------
 
 
-def l2norm_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+def l2norm_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``sqrt(Σ_taps x²)`` (float32 or float64 result); off-image taps per the edge rule."""
     _check_window(ay, ax, "L2-norm")
+    tri = dispatch.triton_engine("pooling", x)
+    if tri is not None:
+        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or _compute_dtype(x), x.device)
+        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.L2, clamp)
+        return y
     blk = _window(x, ay, ax, clamp, _compute_dtype(x))
     return _window_sums(blk * blk, ay, ax).sqrt_()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import dispatch
 from .resampling import Table, bilinear_taps, compute_dtype, device_table, resample_axis, transpose_taps
 
 __all__ = [
@@ -53,26 +54,53 @@ def _taps_t(n_in: int, s: int, align_corners: bool, device: torch.device, dtype:
                         lambda: transpose_taps(*bilinear_upsample_taps(n_in, s, align_corners), n_in), device, dtype)
 
 
-def upsample_nearest_nhwc(x: torch.Tensor, sx: int, sy: int) -> torch.Tensor:
-    """Replicate every pixel into an ``sx`` x ``sy`` block."""
+def _engine_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where the Triton engine writes: ``out`` (a destination region) when it has this shape
+    and dtype and contiguous channels, else a new tensor. The torch path never writes ``out``."""
+    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.stride(-1) == 1:
+        return out
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def upsample_nearest_nhwc(x: torch.Tensor, sx: int, sy: int, out_dtype: torch.dtype | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Replicate every pixel into an ``sx`` x ``sy`` block. On CUDA the Triton engine
+    (``mpsnn.backends.triton.upsampling``) writes ``out_dtype`` into ``out`` where given."""
     n, h, w, c = x.shape
+    tri = dispatch.triton_engine("upsampling", x)
+    if tri is not None:
+        y = _engine_out(out, (n, h * sy, w * sx, c), out_dtype or x.dtype, x.device)
+        tri.nearest_forward(x, y, sx, sy)
+        return y
     if sx == 1 and sy == 1:
         return x.clone(memory_format=torch.contiguous_format)
     return x[:, :, None, :, None, :].expand(n, h, sy, w, sx, c).reshape(n, h * sy, w * sx, c)
 
 
-def upsample_nearest_gradient_nhwc(g: torch.Tensor, sx: int, sy: int) -> torch.Tensor:
+def upsample_nearest_gradient_nhwc(g: torch.Tensor, sx: int, sy: int, out_dtype: torch.dtype | None = None,
+                                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum each ``sx`` x ``sy`` block of ``g`` (``[N, sy*H, sx*W, C]`` -> ``[N, H, W, C]``),
     accumulated in float32 (float64 for float64 input)."""
     n, hh, ww, c = g.shape
     h, w = hh // sy, ww // sx
+    tri = dispatch.triton_engine("upsampling", g)
+    if tri is not None:
+        d = _engine_out(out, (n, h, w, c), out_dtype or compute_dtype(g), g.device)
+        tri.nearest_gradient(g, d, sx, sy)
+        return d
     return g.reshape(n, h, sy, w, sx, c).sum(dim=(2, 4), dtype=compute_dtype(g))
 
 
-def upsample_bilinear_nhwc(x: torch.Tensor, sx: int, sy: int, align_corners: bool) -> torch.Tensor:
+def upsample_bilinear_nhwc(x: torch.Tensor, sx: int, sy: int, align_corners: bool, out_dtype: torch.dtype | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear upsampling by integer factors (module docstring for the sampling rule)."""
     n, h, w, c = x.shape
     dt = compute_dtype(x)
+    tri = dispatch.triton_engine("upsampling", x)
+    if tri is not None:
+        y = _engine_out(out, (n, h * sy, w * sx, c), out_dtype or dt, x.device)
+        tri.bilinear_forward(x, y, sx, sy, align_corners)
+        return y
     xc = x if x.dtype == dt else x.to(dt)
     if sx == 1 and sy == 1:
         return xc.clone(memory_format=torch.contiguous_format)
@@ -81,13 +109,19 @@ def upsample_bilinear_nhwc(x: torch.Tensor, sx: int, sy: int, align_corners: boo
     return resample_axis(resample_axis(xc, 2, ix, wx), 1, iy, wy)
 
 
-def upsample_bilinear_gradient_nhwc(g: torch.Tensor, sx: int, sy: int, align_corners: bool) -> torch.Tensor:
+def upsample_bilinear_gradient_nhwc(g: torch.Tensor, sx: int, sy: int, align_corners: bool, out_dtype: torch.dtype | None = None,
+                                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The adjoint of :func:`upsample_bilinear_nhwc`: ``g`` is ``[N, sy*H, sx*W, C]``, the
     result ``[N, H, W, C]``; every ``g`` value goes to the (up to four) source pixels its
     forward sample read, with the forward weights."""
     n, hh, ww, c = g.shape
     h, w = hh // sy, ww // sx
     dt = compute_dtype(g)
+    tri = dispatch.triton_engine("upsampling", g)
+    if tri is not None:
+        d = _engine_out(out, (n, h, w, c), out_dtype or dt, g.device)
+        tri.bilinear_gradient(g, d, sx, sy, align_corners)
+        return d
     gc = g if g.dtype == dt else g.to(dt)
     if sx == 1 and sy == 1:
         return gc.clone(memory_format=torch.contiguous_format)

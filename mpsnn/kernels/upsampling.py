@@ -94,6 +94,17 @@ def integer_scale_factor(owner: str, name: str, value: Any) -> int:
     return int(f)
 
 
+def _result_dtype(dest: MPSImage) -> torch.dtype | None:
+    """The dtype a fast engine may write the result in: the destination's (one rounding, no
+    conversion pass), unless the destination stores unorm values (quantised on store)."""
+    return None if dest.feature_channel_format in fm.UNORM_MAX or dest.dtype == torch.float64 else dest.dtype
+
+
+def _direct_out(dest: MPSImage, region: Region) -> torch.Tensor | None:
+    """The destination region as a tensor a fast engine may write into directly (no copy)."""
+    return dest.tensor[region.index()] if dest.is_allocated and _result_dtype(dest) is not None else None
+
+
 def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
     """Round once to the destination dtype (so a fresh destination can adopt the tensor)."""
     if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
@@ -189,10 +200,13 @@ class MPSCNNUpsampling(MPSCNNKernel):
         if edge not in (MPSImageEdgeMode.zero, MPSImageEdgeMode.clamp):
             raise value_error(self._name(), "edge_mode", edge.name, "be zero or clamp for CNN kernels")
         x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels]
-        u = self._upsample(x)
         clip = self._clip_rect.origin
         left = self._offset.x * self._sx + region.x0 - clip.x
         top = self._offset.y * self._sy + region.y0 - clip.y
+        uw, uh = x.shape[2] * self._sx, x.shape[1] * self._sy
+        self._out_dtype = _result_dtype(dest)
+        self._out = _direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
+        u = self._upsample(x)
         _store(dest, region, read_window(u, left, top, region.width, region.height, edge))
 
 
@@ -220,7 +234,7 @@ class MPSCNNUpsamplingNearest(MPSCNNUpsampling):
         super().__init__(device, integer_scale_factor_x, integer_scale_factor_y, False)
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
-        return up.upsample_nearest_nhwc(x, self._sx, self._sy)
+        return up.upsample_nearest_nhwc(x, self._sx, self._sy, self._out_dtype, self._out)
 
 
 class MPSCNNUpsamplingBilinear(MPSCNNUpsampling):
@@ -245,7 +259,7 @@ class MPSCNNUpsamplingBilinear(MPSCNNUpsampling):
         super().__init__(device, integer_scale_factor_x, integer_scale_factor_y, align_corners)
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
-        return up.upsample_bilinear_nhwc(x, self._sx, self._sy, self._align)
+        return up.upsample_bilinear_nhwc(x, self._sx, self._sy, self._align, self._out_dtype, self._out)
 
 
 # -- gradients -------------------------------------------------------------------------------------------
@@ -362,6 +376,9 @@ class MPSCNNUpsamplingGradient(MPSCNNGradientKernel):
             left = top = 0
         g = prim.tensor[pg.n0:pg.n0 + region.count, :, :, pg.c0:pg.c0 + pg.channels]
         gu = read_window(g, left, top, uw, uh, MPSImageEdgeMode.zero, 1, 1, pg.bounds)
+        self._out_dtype = _result_dtype(dest)
+        whole = (region.x0, region.y0, region.width, region.height) == (0, 0, sec.width, sec.height)
+        self._out = _direct_out(dest, region) if whole else None
         dx = self._adjoint(gu)
         _store(dest, region, dx[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
 
@@ -379,7 +396,7 @@ class MPSCNNUpsamplingNearestGradient(MPSCNNUpsamplingGradient):
     _method = "nearest"
 
     def _adjoint(self, g: torch.Tensor) -> torch.Tensor:
-        return up.upsample_nearest_gradient_nhwc(g, self._sx, self._sy)
+        return up.upsample_nearest_gradient_nhwc(g, self._sx, self._sy, self._out_dtype, self._out)
 
 
 class MPSCNNUpsamplingBilinearGradient(MPSCNNUpsamplingGradient):
@@ -396,5 +413,5 @@ class MPSCNNUpsamplingBilinearGradient(MPSCNNUpsamplingGradient):
     _method = "bilinear"
 
     def _adjoint(self, g: torch.Tensor) -> torch.Tensor:
-        return up.upsample_bilinear_gradient_nhwc(g, self._sx, self._sy, self._forward_align_corners())
+        return up.upsample_bilinear_gradient_nhwc(g, self._sx, self._sy, self._forward_align_corners(), self._out_dtype, self._out)
 

@@ -1,0 +1,253 @@
+"""Memory-bound kernels on CUDA through mpsnn's public API: pooling (max, average; forward and
+gradient), softmax (forward and gradient) and upsampling (nearest, bilinear; forward and
+gradient), against the device's copy bandwidth and torch eager on the same tensors.
+
+    PYTHONPATH=. python3 bench/bench_memory_bound.py [--quick]
+
+Every tensor is bfloat16 NHWC (channels-last); the larger side of every op is at least 256 MB.
+mpsnn runs as an application would: ``kernel.encode(cb, ...)`` into explicit destination
+images, one command buffer per timed sample (committed after the end event); the gradient
+kernels get the forward encode's gradient state. Bytes counted: every input read once plus
+the result written once (the max-pool gradient reads the incoming gradient and the forward
+source; the others only the incoming gradient, softmax's also the forward result). "copy" is
+``dst.copy_(src)`` of 1 GB (read + write). Times: CUDA events around ``INNER`` back-to-back
+launches, median of 9 samples after warm-up. Every mpsnn result is compared with torch's
+(rel err; bilinear upsampling runs with ``align_corners`` YES, the sampling both libraries
+define alike). The torch peers are the
+eager calls an NHWC PyTorch program makes: ``max_pool2d`` / ``avg_pool2d`` / ``softmax`` /
+``interpolate`` on channels-last tensors and their backward functions (the max-pool backward
+given the forward's indices).
+
+Targets (issue 4): every mpsnn op >= 80 % of the copy bandwidth and never slower than torch.
+The results are printed and, when ``$OUT`` is set, written to ``$OUT/bench_memory_bound.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import mpsnn as m
+
+DT = torch.bfloat16
+FMT = m.MPSImageFeatureChannelFormat.bfloat16
+INNER = 5
+
+
+def ms(fn: Callable[[Any], object], reps: int, queue: m.MTLCommandQueue | None = None) -> float:
+    """Median ms per launch of ``fn(cb)`` (``cb`` a fresh command buffer per sample with a queue)."""
+    samples, cbs = [], []
+    for r in range(reps + 2):
+        cb = queue.make_command_buffer() if queue is not None else None
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(INNER):
+            fn(cb)
+        b.record()
+        if cb is not None:
+            cb.commit()
+            cbs.append(cb)
+        torch.cuda.synchronize()
+        if r >= 2:
+            samples.append(a.elapsed_time(b) / INNER)
+    for cb in cbs:
+        cb.wait_until_completed()
+    return statistics.median(samples)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30)).item()
+
+
+def image(dev: m.Device, t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> m.MPSImage:
+    if t is not None:
+        return m.MPSImage.from_torch(t)
+    assert shape is not None
+    n, h, w, c = shape
+    return m.MPSImage(dev, image_descriptor=m.MPSImageDescriptor(channel_format=FMT, width=w, height=h, feature_channels=c, number_of_images=n))
+
+
+class Bench:
+    def __init__(self, reps: int, out: Callable[[str], None]) -> None:
+        self.reps, self.out = reps, out
+        self.dev = m.Device("cuda")
+        self.queue = self.dev.make_command_queue()
+        self.copy_bw = self.copy_bandwidth()
+        self.worst_bw = 1e9
+        self.worst_speedup = 1e9
+
+    def copy_bandwidth(self) -> float:
+        src = torch.empty(1 << 29, dtype=DT, device="cuda")
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * 2 / ms(lambda _cb: dst.copy_(src), self.reps) / 1e6
+
+    def run(self, cb_fn: Callable[[Any], object]) -> None:
+        cb = self.queue.make_command_buffer()
+        cb_fn(cb)
+        cb.commit()
+        cb.wait_until_completed()
+
+    def row(self, name: str, nbytes: int, mine: Callable[[Any], object], peer: Callable[[Any], object], got: torch.Tensor,
+            ref: torch.Tensor) -> None:
+        t_m, t_p = ms(mine, self.reps, self.queue), ms(peer, self.reps)
+        self.run(mine)
+        err = rel(got, ref)
+        bw_m, bw_p = nbytes / t_m / 1e6, nbytes / t_p / 1e6
+        self.worst_bw = min(self.worst_bw, bw_m / self.copy_bw)
+        self.worst_speedup = min(self.worst_speedup, t_p / t_m)
+        self.out(f"{name:<36}{nbytes / 1e6:>7.0f} | {t_m:>9.3f}{bw_m:>7.0f}{100 * bw_m / self.copy_bw:>6.1f}% | {t_p:>9.3f}{bw_p:>7.0f}"
+                 f"{100 * bw_p / self.copy_bw:>6.1f}% | {t_p / t_m:>7.2f}x{err:>9.1e}")
+
+
+def bench_pooling(b: Bench, x: torch.Tensor, k: int, s: int, p: int, g: torch.Generator) -> None:
+    """k x k / s pooling with torch's zero padding p (window centre of output 0 at k//2 - p)."""
+    n, h, _, c = x.shape
+    o = (h + 2 * p - k) // s + 1
+    xn = x.permute(0, 3, 1, 2)
+    dy = torch.randn(n, o, o, c, device="cuda", dtype=DT, generator=g)
+    dyn = dy.permute(0, 3, 1, 2)
+    x_img, dy_img = image(b.dev, x), image(b.dev, dy)
+    y_img, dx_img = image(b.dev, None, (n, o, o, c)), image(b.dev, None, tuple(x.shape))
+    geo = dict(kernel_width=k, kernel_height=k, stride_in_pixels_x=s, stride_in_pixels_y=s)
+    for kind in ("max", "avg"):
+        fwd = (m.MPSCNNPoolingMax if kind == "max" else m.MPSCNNPoolingAverage)(b.dev, **geo)
+        grad = (m.MPSCNNPoolingMaxGradient if kind == "max" else m.MPSCNNPoolingAverageGradient)(b.dev, **geo)
+        fwd.offset = m.MPSOffset(k // 2 - p, k // 2 - p, 0)
+        if kind == "max":
+            # torch pads max pooling with -inf: MPS's clamp edge mode (zero mode lets an
+            # off-image 0 win); average pooling's zero mode counts the padding like torch
+            fwd.edge_mode = grad.secondary_edge_mode = m.MPSImageEdgeMode.clamp
+        state = fwd.result_state(x_img, destination_image=y_img)
+        b.run(lambda cb: fwd.encode(cb, x_img, y_img, destination_state=state))  # noqa: B023
+        if kind == "max":
+            yr, idx = F.max_pool2d(xn, k, s, p, return_indices=True)
+
+            def peer_f(_cb: Any) -> object:
+                return F.max_pool2d(xn, k, s, p)
+
+            def peer_b(_cb: Any) -> torch.Tensor:
+                return torch.ops.aten.max_pool2d_with_indices_backward(dyn, xn, [k, k], [s, s], [p, p], [1, 1], False, idx)  # noqa: B023
+            grad_bytes = (dy.numel() + 2 * x.numel()) * 2
+        else:
+            yr = F.avg_pool2d(xn, k, s, p, count_include_pad=True)
+
+            def peer_f(_cb: Any) -> object:
+                return F.avg_pool2d(xn, k, s, p, count_include_pad=True)
+
+            def peer_b(_cb: Any) -> torch.Tensor:
+                return torch.ops.aten.avg_pool2d_backward(dyn, xn, [k, k], [s, s], [p, p], False, True, None)
+            grad_bytes = (dy.numel() + x.numel()) * 2
+            # the reference: torch's NCHW-contiguous kernel (its channels-last backward returns
+            # wrong values for padded 3x3/2 windows in torch 2.11 + CUDA 13, see bench/RESULTS.md)
+            ref_b = torch.ops.aten.avg_pool2d_backward(dyn.contiguous(), xn.contiguous(), [k, k], [s, s], [p, p], False, True, None)
+        b.row(f"{kind} pool {k}x{k}/{s} forward", (x.numel() + dy.numel()) * 2, lambda cb: fwd.encode(cb, x_img, y_img),  # noqa: B023
+              peer_f, y_img.tensor, yr.permute(0, 2, 3, 1))
+        b.row(f"{kind} pool {k}x{k}/{s} gradient", grad_bytes, lambda cb: grad.encode(cb, dy_img, x_img, state, dx_img),  # noqa: B023
+              peer_b, dx_img.tensor, (peer_b(None) if kind == "max" else ref_b).permute(0, 2, 3, 1))
+
+
+def bench_softmax(b: Bench, shape: tuple[int, int, int, int], g: torch.Generator) -> None:
+    x = torch.randn(*shape, device="cuda", dtype=DT, generator=g)
+    dy = torch.randn(*shape, device="cuda", dtype=DT, generator=g)
+    x_img, dy_img = image(b.dev, x), image(b.dev, dy)
+    y_img, dx_img = image(b.dev, None, shape), image(b.dev, None, shape)
+    fwd, grad = m.MPSCNNSoftMax(b.dev), m.MPSCNNSoftMaxGradient(b.dev)
+    state = fwd.result_state(x_img, destination_image=y_img)
+    b.run(lambda cb: fwd.encode(cb, x_img, y_img, destination_state=state))
+    yr = torch.softmax(x, -1)
+
+    def peer_b(_cb: Any) -> torch.Tensor:
+        return torch.ops.aten._softmax_backward_data(dy, yr, -1, DT)
+    b.row(f"softmax {'x'.join(map(str, shape))}", 2 * x.numel() * 2, lambda cb: fwd.encode(cb, x_img, y_img),
+          lambda _cb: torch.softmax(x, -1), y_img.tensor, yr)
+    b.row("  gradient", 3 * x.numel() * 2, lambda cb: grad.encode(cb, dy_img, y_img, state, dx_img), peer_b, dx_img.tensor,
+          torch.ops.aten._softmax_backward_data(dy, y_img.tensor, -1, DT))
+
+
+def bench_upsampling(b: Bench, x: torch.Tensor, mode: str, g: torch.Generator) -> None:
+    n, h, w, c = x.shape
+    xn = x.permute(0, 3, 1, 2)
+    dy = torch.randn(n, 2 * h, 2 * w, c, device="cuda", dtype=DT, generator=g)
+    dyn = dy.permute(0, 3, 1, 2)
+    x_img, dy_img = image(b.dev, x), image(b.dev, dy)
+    y_img, dx_img = image(b.dev, None, (n, 2 * h, 2 * w, c)), image(b.dev, None, tuple(x.shape))
+    if mode == "nearest":
+        fwd = m.MPSCNNUpsamplingNearest(b.dev, integer_scale_factor_x=2, integer_scale_factor_y=2)
+        grad = m.MPSCNNUpsamplingNearestGradient(b.dev, integer_scale_factor_x=2, integer_scale_factor_y=2)
+        kw: dict[str, Any] = {}
+    else:
+        fwd = m.MPSCNNUpsamplingBilinear(b.dev, integer_scale_factor_x=2, integer_scale_factor_y=2, align_corners=True)
+        grad = m.MPSCNNUpsamplingBilinearGradient(b.dev, integer_scale_factor_x=2, integer_scale_factor_y=2)
+        kw = {"align_corners": True}
+    state = fwd.result_state(x_img, destination_image=y_img)
+    b.run(lambda cb: fwd.encode(cb, x_img, y_img, destination_state=state))
+    yr = F.interpolate(xn, scale_factor=2, mode=mode, **kw)
+
+    def peer_b(_cb: Any) -> torch.Tensor:
+        if mode == "nearest":
+            return torch.ops.aten.upsample_nearest2d_backward(dyn, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+        return torch.ops.aten.upsample_bilinear2d_backward(dyn, [2 * h, 2 * w], [n, c, h, w], True, None, None)
+    b.row(f"upsample x2 {mode}{' (aligned)' if mode != 'nearest' else ''}", (x.numel() + dy.numel()) * 2,
+          lambda cb: fwd.encode(cb, x_img, y_img), lambda _cb: F.interpolate(xn, scale_factor=2, mode=mode, **kw),
+          y_img.tensor, yr.permute(0, 2, 3, 1))
+    b.row("  gradient", (x.numel() + dy.numel()) * 2, lambda cb: grad.encode(cb, dy_img, x_img, state, dx_img), peer_b,
+          dx_img.tensor, peer_b(None).permute(0, 2, 3, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batch 32, 3 samples")
+    ap.add_argument("--only", choices=["pooling", "softmax", "upsampling"], help="one family only")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_memory_bound: needs a CUDA device", file=sys.stderr)
+        return 2
+    reps, n = (3, 32) if a.quick else (9, 256)
+    lines: list[str] = []
+
+    def out(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    b = Bench(reps, out)
+    out(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {n}  bfloat16 NHWC")
+    out(f"copy bandwidth (1 GB, read + write): {b.copy_bw:.0f} GB/s")
+    head = f"{'op':<36}{'MB':>7} | {'mpsnn ms':>9}{'GB/s':>7}{'%copy':>7} | {'torch ms':>9}{'GB/s':>7}{'%copy':>7} | {'speed-up':>8}{'rel err':>9}"
+    out(head)
+    out("-" * len(head))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    if a.only in (None, "pooling"):
+        x = torch.randn(n, 112, 112, 64, device="cuda", dtype=DT, generator=g)
+        for k, s, p in ((3, 2, 1), (2, 2, 0)):
+            bench_pooling(b, x, k, s, p, g)
+        del x
+        torch.cuda.empty_cache()
+    if a.only in (None, "softmax"):
+        for shape in ((n, 32, 32, 512), (n * 1024, 1, 1, 1000)):
+            bench_softmax(b, shape, g)
+            torch.cuda.empty_cache()
+    if a.only in (None, "upsampling"):
+        x = torch.randn(n, 56, 56, 64, device="cuda", dtype=DT, generator=g)
+        for mode in ("nearest", "bilinear"):
+            bench_upsampling(b, x, mode, g)
+            torch.cuda.empty_cache()
+    out("-" * len(head))
+    out(f"slowest mpsnn op: {100 * b.worst_bw:.1f} % of copy bandwidth (target >= 80 %); smallest speed-up over torch "
+        f"{b.worst_speedup:.2f}x (target >= 1)")
+    dest = os.environ.get("OUT")
+    if dest:
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, "bench_memory_bound.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
