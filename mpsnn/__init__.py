@@ -1,6 +1,8 @@
 """mpsnn: Apple's Metal Performance Shaders neural-network API on NVIDIA GPUs and CPUs.
 
-Every public Apple name is re-exported here explicitly; see ``docs/architecture.md``.
+Every public Apple name is re-exported here: explicitly for the foundation, neuron and
+convolution families, through each module's ``__all__`` for the others; see
+``docs/architecture.md``.
 """
 from __future__ import annotations
 
