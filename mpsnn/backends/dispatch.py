@@ -165,3 +165,14 @@ def triton_engine(name: str, *tensors: torch.Tensor):  # type: ignore[no-untyped
         import importlib
         mod = _triton_modules[name] = importlib.import_module(f"{__package__}.triton.{name}")
     return mod
+
+
+def engine_out(out: torch.Tensor | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device,
+               accept=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Where a fast engine writes its result: ``out`` (a destination region handed down by the
+    kernel, see ``mpsnn.kernels.results.direct_out``) when it has this shape and dtype,
+    contiguous channels and passes ``accept(out)`` where given, else a new tensor."""
+    if (out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.stride(-1) == 1
+            and (accept is None or accept(out))):
+        return out
+    return torch.empty(tuple(shape), dtype=dtype, device=device)

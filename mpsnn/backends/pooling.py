@@ -79,19 +79,6 @@ class PoolAxis:
         return self.first >= 0 and self.first + self.span <= self.size
 
 
-def _engine_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Where a fast engine writes: ``out`` (a destination region, channels contiguous) when it
-    has this shape and dtype, else a new tensor. The torch path never writes ``out``."""
-    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.stride(-1) == 1:
-        return out
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _engine_axis(tri, a: PoolAxis):  # type: ignore[no-untyped-def]
-    """The Triton engine's axis for ``a`` (the same fields)."""
-    return tri.Axis(a.size, a.out, a.first, a.stride, a.dilation, a.taps, a.zero_pad)
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -183,8 +170,8 @@ def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_
     ``x``'s dtype; NaN taps are ignored (NaN when every tap is NaN)."""
     tri = dispatch.triton_engine("pooling", x)
     if tri is not None:
-        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or x.dtype, x.device)
-        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.MAX, clamp)
+        y = dispatch.engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or x.dtype, x.device)
+        tri.pool_forward(x, y, ay, ax, tri.MAX, clamp)
         return y
     xm = _nchw(_window(x, ay, ax, clamp))
     _, y, any_number = _max_candidates(xm, ay, ax, False)
@@ -197,9 +184,9 @@ def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: P
     ``[N, ay.out, ax.out, C]``: each window's gradient goes to its first maximal tap."""
     cdt = _compute_dtype(x)
     tri = dispatch.triton_engine("pooling", g, x)
-    if tri is not None and tri.gradient_supported(_engine_axis(tri, ay), _engine_axis(tri, ax), clamp):
-        dx = _engine_out(out, tuple(x.shape), out_dtype or cdt, x.device)
-        tri.pool_max_gradient(g, x, dx, _engine_axis(tri, ay), _engine_axis(tri, ax), clamp)
+    if tri is not None and tri.gradient_supported(ay, ax, clamp):
+        dx = dispatch.engine_out(out, tuple(x.shape), out_dtype or cdt, x.device)
+        tri.pool_max_gradient(g, x, dx, ay, ax, clamp)
         return dx
     xm = _nchw(_window(x, ay, ax, clamp))
     key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
@@ -250,8 +237,8 @@ def average_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, 
     cdt = _compute_dtype(x)
     tri = dispatch.triton_engine("pooling", x)
     if tri is not None:
-        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or cdt, x.device)
-        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.AVERAGE, clamp)
+        y = dispatch.engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or cdt, x.device)
+        tri.pool_forward(x, y, ay, ax, tri.AVERAGE, clamp)
         return y
     s = _window_sums(_window(x, ay, ax, False, cdt), ay, ax)
     return s * _average_scale(ay, ax, clamp, x.device, cdt)
@@ -264,8 +251,8 @@ def average_pool_gradient_nhwc(g: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clam
     cdt = _compute_dtype(g)
     tri = dispatch.triton_engine("pooling", g)
     if tri is not None:
-        dx = _engine_out(out, (g.shape[0], ay.size, ax.size, g.shape[3]), out_dtype or cdt, g.device)
-        tri.pool_average_gradient(g, dx, _engine_axis(tri, ay), _engine_axis(tri, ax), clamp)
+        dx = dispatch.engine_out(out, (g.shape[0], ay.size, ax.size, g.shape[3]), out_dtype or cdt, g.device)
+        tri.pool_average_gradient(g, dx, ay, ax, clamp)
         return dx
     w = g.to(cdt) * _average_scale(ay, ax, clamp, g.device, cdt)
     n, _, _, c = g.shape
@@ -283,8 +270,8 @@ def l2norm_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, o
     _check_window(ay, ax, "L2-norm")
     tri = dispatch.triton_engine("pooling", x)
     if tri is not None:
-        y = _engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or _compute_dtype(x), x.device)
-        tri.pool_forward(x, y, _engine_axis(tri, ay), _engine_axis(tri, ax), tri.L2, clamp)
+        y = dispatch.engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or _compute_dtype(x), x.device)
+        tri.pool_forward(x, y, ay, ax, tri.L2, clamp)
         return y
     blk = _window(x, ay, ax, clamp, _compute_dtype(x))
     return _window_sums(blk * blk, ay, ax).sqrt_()

@@ -26,14 +26,6 @@ from . import dispatch
 __all__ = ["softmax_gradient_nhwc", "softmax_nhwc"]
 
 
-def _engine_out(tri, out: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """Where the Triton engine writes: ``out`` (a destination region) when it has this shape
-    and dtype and equally spaced rows, else a new tensor. The torch path never writes ``out``."""
-    if out is not None and out.shape == shape and out.dtype == dtype and tri.rows_view(out) is not None:
-        return out
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -52,7 +44,7 @@ def softmax_nhwc(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = Non
     dt = _compute_dtype(x)
     tri = dispatch.triton_engine("softmax", x)
     if tri is not None and tri.rows_view(x) is not None and 0 < x.shape[-1] <= tri.MAX_CHANNELS:
-        y = _engine_out(tri, out, x.shape, out_dtype or dt, x.device)
+        y = dispatch.engine_out(out, x.shape, out_dtype or dt, x.device, tri.rows_view)
         tri.softmax_forward(x, y, log)
         return y
     return torch.log_softmax(x, dim=-1, dtype=dt) if log else torch.softmax(x, dim=-1, dtype=dt)
@@ -73,7 +65,7 @@ def softmax_gradient_nhwc(dy: torch.Tensor, y: torch.Tensor, log: bool, out_dtyp
     tri = dispatch.triton_engine("softmax", dy, y)
     if (tri is not None and dy.shape == y.shape and tri.rows_view(dy) is not None and tri.rows_view(y) is not None
             and 0 < dy.shape[-1] <= tri.MAX_CHANNELS):
-        dx = _engine_out(tri, out, dy.shape, out_dtype or dt, dy.device)
+        dx = dispatch.engine_out(out, dy.shape, out_dtype or dt, dy.device, tri.rows_view)
         tri.softmax_gradient(dy, y, dx, log)
         return dx
     g = dy.to(dt)

@@ -54,14 +54,6 @@ def _taps_t(n_in: int, s: int, align_corners: bool, device: torch.device, dtype:
                         lambda: transpose_taps(*bilinear_upsample_taps(n_in, s, align_corners), n_in), device, dtype)
 
 
-def _engine_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Where the Triton engine writes: ``out`` (a destination region) when it has this shape
-    and dtype and contiguous channels, else a new tensor. The torch path never writes ``out``."""
-    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.stride(-1) == 1:
-        return out
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def upsample_nearest_nhwc(x: torch.Tensor, sx: int, sy: int, out_dtype: torch.dtype | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Replicate every pixel into an ``sx`` x ``sy`` block. On CUDA the Triton engine
@@ -69,7 +61,7 @@ def upsample_nearest_nhwc(x: torch.Tensor, sx: int, sy: int, out_dtype: torch.dt
     n, h, w, c = x.shape
     tri = dispatch.triton_engine("upsampling", x)
     if tri is not None:
-        y = _engine_out(out, (n, h * sy, w * sx, c), out_dtype or x.dtype, x.device)
+        y = dispatch.engine_out(out, (n, h * sy, w * sx, c), out_dtype or x.dtype, x.device)
         tri.nearest_forward(x, y, sx, sy)
         return y
     if sx == 1 and sy == 1:
@@ -85,7 +77,7 @@ def upsample_nearest_gradient_nhwc(g: torch.Tensor, sx: int, sy: int, out_dtype:
     h, w = hh // sy, ww // sx
     tri = dispatch.triton_engine("upsampling", g)
     if tri is not None:
-        d = _engine_out(out, (n, h, w, c), out_dtype or compute_dtype(g), g.device)
+        d = dispatch.engine_out(out, (n, h, w, c), out_dtype or compute_dtype(g), g.device)
         tri.nearest_gradient(g, d, sx, sy)
         return d
     return g.reshape(n, h, sy, w, sx, c).sum(dim=(2, 4), dtype=compute_dtype(g))
@@ -98,7 +90,7 @@ def upsample_bilinear_nhwc(x: torch.Tensor, sx: int, sy: int, align_corners: boo
     dt = compute_dtype(x)
     tri = dispatch.triton_engine("upsampling", x)
     if tri is not None:
-        y = _engine_out(out, (n, h * sy, w * sx, c), out_dtype or dt, x.device)
+        y = dispatch.engine_out(out, (n, h * sy, w * sx, c), out_dtype or dt, x.device)
         tri.bilinear_forward(x, y, sx, sy, align_corners)
         return y
     xc = x if x.dtype == dt else x.to(dt)
@@ -119,7 +111,7 @@ def upsample_bilinear_gradient_nhwc(g: torch.Tensor, sx: int, sy: int, align_cor
     dt = compute_dtype(g)
     tri = dispatch.triton_engine("upsampling", g)
     if tri is not None:
-        d = _engine_out(out, (n, h, w, c), out_dtype or dt, g.device)
+        d = dispatch.engine_out(out, (n, h, w, c), out_dtype or dt, g.device)
         tri.bilinear_gradient(g, d, sx, sy, align_corners)
         return d
     gc = g if g.dtype == dt else g.to(dt)

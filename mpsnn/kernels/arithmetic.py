@@ -67,7 +67,7 @@ from ..core.regions import read_window
 from ..core.structs import MPSOffset
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSState
-from .convolution import write_result
+from .results import write_result
 
 __all__: list[str] = [
     "MPSCNNAdd",

@@ -42,8 +42,9 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..images.image import MPSImage
 from ..images.state import MPSState
-from .convolution import WholeImageWindow, require_input_channels, write_result
+from .convolution import WholeImageWindow, require_input_channels
 from .convolution_data import _float_array, load_weights
+from .results import write_result
 
 
 def unpack_bits(words: np.ndarray, cin: int) -> np.ndarray:

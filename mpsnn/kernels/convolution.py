@@ -61,7 +61,7 @@ from ..core.enums import (
 from ..core.errors import MPSTypeError, MPSValueError, value_error
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
 from ..images import formats as fm
-from ..images.image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSState
 from .convolution_data import (
     ConvolutionDataSource,
@@ -74,24 +74,7 @@ from .convolution_data import (
     weight_shape,
 )
 from .neuron import MPSNNNeuronDescriptor
-
-
-def write_result(dest: MPSImage, region: Region, values: torch.Tensor) -> None:
-    """Store ``values`` into ``dest``'s region; when the region is all of a fresh image that
-    mpsnn owns, adopt the tensor as its storage instead of copying (zero-copy results).
-    Nothing to do when ``values`` already is the destination's region (written in place)."""
-    if dest.is_allocated:
-        view = dest.tensor[region.index()]
-        if values.data_ptr() == view.data_ptr() and values.shape == view.shape and values.stride() == view.stride():
-            return
-    if (region.covers(dest) and dest.parent is None and not dest._wrapped and dest._storage is None
-            and values.is_contiguous() and values.dtype == dest.dtype and values.shape == dest.shape
-            and dest.feature_channel_format not in fm.UNORM_MAX and values.device == dest.device.torch_device):
-        dest._storage = values
-        if isinstance(dest, MPSTemporaryImage):
-            dest._flat = values.view(-1)
-        return
-    dest.store(values, region.index())
+from .results import write_result
 
 
 def require_input_channels(kernel: Any, source: MPSImage, input_channels: int) -> int:

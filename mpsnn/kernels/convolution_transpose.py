@@ -39,12 +39,13 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.structs import MPSOffset
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import MPSState
-from .convolution import ConvolutionGradientBase, _ConvolutionWeights, require_input_channels, write_result
+from .convolution import ConvolutionGradientBase, _ConvolutionWeights, require_input_channels
 from .convolution_data import (
     MPSCNNConvolutionDataSource,
     MPSCNNConvolutionGradientState,
     MPSCNNConvolutionTransposeGradientState,
 )
+from .results import write_result
 
 
 def _is_conv_state(s: Any) -> bool:

@@ -62,7 +62,7 @@ from ..core.structs import MTLSize
 from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
-from .convolution import write_result
+from .results import write_result
 
 __all__ = ["MPSCNNDropout", "MPSCNNDropoutGradient", "MPSCNNDropoutGradientState"]
 

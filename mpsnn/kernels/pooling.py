@@ -55,10 +55,9 @@ from ..core.kernel import ULONG_MAX, InputGeometry, MPSCNNKernel, Region
 from ..core.padding import dest_size, method_of
 from ..core.regions import read_window
 from ..core.structs import MPSOffset, MTLOrigin, MTLRegion, MTLSize
-from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSState
-from .convolution import write_result
+from .results import direct_out, result_dtype, write_result
 
 __all__ = [
     "MPSCNNDilatedPoolingMax",
@@ -119,21 +118,6 @@ def _window_args(owner: str, kernel_width: Any, kernel_height: Any) -> tuple[int
     if kernel_width is None or kernel_height is None:
         raise MPSTypeError(f"{owner}: `kernel_width` and `kernel_height` are required (init with a device alone is unavailable)")
     return _positive(owner, "kernel_width", kernel_width), _positive(owner, "kernel_height", kernel_height)
-
-
-def _result_dtype(dest: MPSImage) -> torch.dtype | None:
-    """The dtype a fast engine may write the result in: the destination's (one rounding, no
-    conversion pass), unless the destination stores unorm values (quantised on store)."""
-    return None if dest.feature_channel_format in fm.UNORM_MAX or dest.dtype == torch.float64 else dest.dtype
-
-
-def _direct_out(dest: MPSImage, region: Region, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """The destination region as a tensor a fast engine may write the result into directly
-    (no result copy): an allocated, non-unorm destination whose region has ``shape``."""
-    if not dest.is_allocated or _result_dtype(dest) is None:
-        return None
-    view = dest.tensor[region.index()]
-    return view if tuple(view.shape) == tuple(shape) else None
 
 
 def _clamp_mode(owner: str, name: str, mode: MPSImageEdgeMode) -> bool:
@@ -222,8 +206,8 @@ class MPSCNNPooling(MPSCNNKernel):
         x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels]
         ay = PoolAxis(src.height, region.height, inp.window_top, inp.stride_y, inp.dilation_y, inp.kernel_height, zpy)
         ax = PoolAxis(src.width, region.width, inp.window_left, inp.stride_x, inp.dilation_x, inp.kernel_width, zpx)
-        self._result_dtype = _result_dtype(dest)
-        self._result_out = _direct_out(dest, region, (region.count, region.height, region.width, region.channels))
+        self._result_dtype = result_dtype(dest)
+        self._result_out = direct_out(dest, region, (region.count, region.height, region.width, region.channels))
         write_result(dest, region, self._forward(x, ay, ax, clamp))
 
     def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
@@ -469,7 +453,7 @@ class MPSCNNPoolingGradient(MPSCNNGradientKernel):
     def _encode_region(self, cb: MTLCommandBuffer, prim: MPSImage, pg: InputGeometry, sec: MPSImage, sg: InputGeometry,
                        dest: MPSImage, region: Region, state: MPSState | None) -> None:
         clamp = _clamp_mode(self._name(), "secondary_edge_mode", self._s_edge)
-        self._result_dtype = _result_dtype(dest)
+        self._result_dtype = result_dtype(dest)
         self._result_out = None
         (kw, kh), (dlx, dly), (sx, sy) = self._secondary_kernel, self._secondary_dilation, self._s_stride
         zpx, zpy = self._zero_pads()
@@ -485,7 +469,7 @@ class MPSCNNPoolingGradient(MPSCNNGradientKernel):
             y0x, y0y = gradient_origin(so.x, kw, dlx), gradient_origin(so.y, kh, dly)
             identity = (y0x + region.x0 - self._clip_rect.origin.x, y0y + region.y0 - self._clip_rect.origin.y) == (0, 0) \
                 and (region.width, region.height) == (sec.width, sec.height)
-            self._result_out = _direct_out(dest, region, tuple(x.shape)) if identity else None
+            self._result_out = direct_out(dest, region, tuple(x.shape)) if identity else None
             dx = self._gradient(g, x, ay, ax, clamp)
         else:  # no gradient pixel contributes
             dx = torch.zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)

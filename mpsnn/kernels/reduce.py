@@ -58,7 +58,7 @@ from ..core.kernel import ULONG_MAX, MPSCNNKernel, Region, _typed_property
 from ..core.structs import MPSRectNoClip, MTLRegion
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import MPSState
-from .convolution import write_result
+from .results import write_result
 
 __all__ = [
     "MPSNNLocalCorrelation",

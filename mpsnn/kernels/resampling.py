@@ -46,7 +46,7 @@ from ..core.structs import MPSOffset
 from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import MPSState
-from .convolution import write_result
+from .results import write_result
 
 __all__ = ["MPSImageBilinearScale", "MPSImageLanczosScale", "MPSImageScale", "MPSScaleTransform"]
 

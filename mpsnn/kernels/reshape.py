@@ -62,7 +62,7 @@ from ..core.regions import read_window
 from ..core.structs import MPSImageCoordinate, MPSOffset
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
-from .convolution import write_result
+from .results import write_result
 
 __all__ = [
     "MPSNNPad",

@@ -43,21 +43,9 @@ from ..core.regions import read_window
 from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSState
-from .convolution import write_result
+from .results import direct_out, result_dtype, write_result
 
 __all__ = ["MPSCNNLogSoftMax", "MPSCNNLogSoftMaxGradient", "MPSCNNSoftMax", "MPSCNNSoftMaxGradient"]
-
-
-def _result_dtype(dest: MPSImage) -> torch.dtype | None:
-    """The dtype a fast engine may write the result in: the destination's (one rounding, no
-    conversion pass), unless the destination stores unorm values (quantised on store)."""
-    return None if dest.feature_channel_format in fm.UNORM_MAX or dest.dtype == torch.float64 else dest.dtype
-
-
-def _direct_out(dest: MPSImage, region: Region) -> torch.Tensor | None:
-    """The destination region as a tensor a fast engine may write into directly (no result
-    copy): allocated, not unorm."""
-    return dest.tensor[region.index()] if dest.is_allocated and _result_dtype(dest) is not None else None
 
 
 def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
@@ -76,7 +64,7 @@ class _SoftMaxForward(MPSCNNKernel):
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
         x = read_window(src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels],
                         inp.window_left, inp.window_top, region.width, region.height, inp.edge_mode, inp.stride_x, inp.stride_y)
-        _store(dest, region, softmax_nhwc(x, self._log, out_dtype=_result_dtype(dest), out=_direct_out(dest, region)))
+        _store(dest, region, softmax_nhwc(x, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
 
 
 class MPSCNNSoftMax(_SoftMaxForward):
@@ -155,7 +143,7 @@ class _SoftMaxGradient(MPSCNNGradientKernel):
                          pg.window_left, pg.window_top, region.width, region.height, pg.edge_mode, pg.stride_x, pg.stride_y, pg.bounds)
         y = read_window(sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + sg.channels],
                         sg.window_left, sg.window_top, region.width, region.height, sg.edge_mode, sg.stride_x, sg.stride_y, sg.bounds)
-        _store(dest, region, softmax_gradient_nhwc(dy, y, self._log, out_dtype=_result_dtype(dest), out=_direct_out(dest, region)))
+        _store(dest, region, softmax_gradient_nhwc(dy, y, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
 
     def encode(  # type: ignore[override]
         self,

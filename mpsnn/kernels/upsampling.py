@@ -59,7 +59,7 @@ from ..core.structs import MPSOffset
 from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
-from .convolution import write_result
+from .results import direct_out, result_dtype, write_result
 
 __all__ = [
     "MPSCNNUpsampling",
@@ -92,17 +92,6 @@ def integer_scale_factor(owner: str, name: str, value: Any) -> int:
     if not math.isfinite(f) or f < 1 or f != math.floor(f):
         raise value_error(owner, name, value, "be an integer >= 1")
     return int(f)
-
-
-def _result_dtype(dest: MPSImage) -> torch.dtype | None:
-    """The dtype a fast engine may write the result in: the destination's (one rounding, no
-    conversion pass), unless the destination stores unorm values (quantised on store)."""
-    return None if dest.feature_channel_format in fm.UNORM_MAX or dest.dtype == torch.float64 else dest.dtype
-
-
-def _direct_out(dest: MPSImage, region: Region) -> torch.Tensor | None:
-    """The destination region as a tensor a fast engine may write into directly (no copy)."""
-    return dest.tensor[region.index()] if dest.is_allocated and _result_dtype(dest) is not None else None
 
 
 def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
@@ -204,8 +193,8 @@ class MPSCNNUpsampling(MPSCNNKernel):
         left = self._offset.x * self._sx + region.x0 - clip.x
         top = self._offset.y * self._sy + region.y0 - clip.y
         uw, uh = x.shape[2] * self._sx, x.shape[1] * self._sy
-        self._out_dtype = _result_dtype(dest)
-        self._out = _direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
+        self._out_dtype = result_dtype(dest)
+        self._out = direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
         u = self._upsample(x)
         _store(dest, region, read_window(u, left, top, region.width, region.height, edge))
 
@@ -376,9 +365,9 @@ class MPSCNNUpsamplingGradient(MPSCNNGradientKernel):
             left = top = 0
         g = prim.tensor[pg.n0:pg.n0 + region.count, :, :, pg.c0:pg.c0 + pg.channels]
         gu = read_window(g, left, top, uw, uh, MPSImageEdgeMode.zero, 1, 1, pg.bounds)
-        self._out_dtype = _result_dtype(dest)
+        self._out_dtype = result_dtype(dest)
         whole = (region.x0, region.y0, region.width, region.height) == (0, 0, sec.width, sec.height)
-        self._out = _direct_out(dest, region) if whole else None
+        self._out = direct_out(dest, region) if whole else None
         dx = self._adjoint(gu)
         _store(dest, region, dx[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
 

@@ -22,10 +22,9 @@ are compile-time constants of the gather (a network has few pooling geometries).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..pooling import PoolAxis
 from .neuron import available, tl, triton
 
 __all__ = ["Axis", "available", "gradient_supported", "pool_forward", "pool_max_gradient", "pool_average_gradient", "MAX", "AVERAGE", "L2"]
@@ -33,22 +32,9 @@ __all__ = ["Axis", "available", "gradient_supported", "pool_forward", "pool_max_
 MAX, AVERAGE, L2 = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Axis:
-    """One axis of a pooling geometry: source length, output length, first tap of output 0,
-    stride, dilation, taps, zero-pad size (average with clamp)."""
-
-    size: int
-    out: int
-    first: int
-    stride: int
-    dilation: int
-    taps: int
-    zero_pad: int = 0
-
-    @property
-    def extent(self) -> int:
-        return self.dilation * (self.taps - 1) + 1
+#: one axis of a pooling geometry (the torch path's type: size, out, first, stride, dilation,
+#: taps, zero_pad)
+Axis = PoolAxis
 
 
 if triton is not None:

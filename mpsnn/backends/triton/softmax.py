@@ -30,9 +30,11 @@ if triton is not None:
         r64 = rows.to(tl.int64)[:, None]
         x = tl.load(x_ptr + r64 * xs + cols[None, :], mask=mask, other=-float("inf")).to(tl.float32)
         m = tl.max(x, axis=1)
+        m = tl.where(rows < M, m, 0.0)   # rows past the end: no -inf - -inf
         z = x - m[:, None]
         e = tl.where(mask, tl.exp(z), 0.0)
         s = tl.sum(e, axis=1)
+        s = tl.where(rows < M, s, 1.0)
         if LOG:
             y = z - tl.log(s)[:, None]
         else:
