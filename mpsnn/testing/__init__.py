@@ -1,7 +1,9 @@
 """Test oracles for mpsnn: independent float64 NumPy references and one tolerance table.
 
-Nothing here imports ``mpsnn.backends``: the references re-derive every formula from the
+No reference imports ``mpsnn.backends``: the references re-derive every formula from the
 spec (``shared/spec``) so that a bug in the production numerics cannot hide in both.
+``engines.py`` (which optional engines a test run has) and ``interpret.py`` (a pytest plugin
+that runs the Triton engines on CPU tensors through Triton's interpreter) choose engines.
 """
 from __future__ import annotations
 
