@@ -182,8 +182,24 @@ class MPSCNNBinaryKernel(MPSKernel):
     def temporary_result_state(self, command_buffer: MTLCommandBuffer, primary_image: MPSImage, secondary_image: MPSImage, source_states: Sequence[MPSState] | None = None, destination_image: MPSImage | None = None) -> MPSState | None:
         return self._make_state(primary_image, secondary_image, destination_image, self._check_command_buffer(command_buffer))
 
+    def result_state_batch(self, primary_images: Sequence[MPSImage], secondary_images: Sequence[MPSImage],
+                           source_states: Sequence[Sequence[MPSState]] | None = None,
+                           destination_images: Sequence[MPSImage] | None = None) -> list[MPSState | None]:
+        """``resultStateBatchForPrimaryImage:secondaryImage:sourceStates:destinationImage:``: one state per pair."""
+        return [self._make_state(p, s, destination_images[k] if destination_images else None, None)
+                for k, (p, s) in enumerate(zip(primary_images, secondary_images))]
+
+    def temporary_result_state_batch(self, command_buffer: MTLCommandBuffer, primary_images: Sequence[MPSImage],
+                                     secondary_images: Sequence[MPSImage], source_states: Sequence[Sequence[MPSState]] | None = None,
+                                     destination_images: Sequence[MPSImage] | None = None) -> list[MPSState | None]:
+        cb = self._check_command_buffer(command_buffer)
+        return [self._make_state(p, s, destination_images[k] if destination_images else None, cb)
+                for k, (p, s) in enumerate(zip(primary_images, secondary_images))]
+
     result_state_for_primary_image = result_state
     temporary_result_state_for_command_buffer = temporary_result_state
+    result_state_batch_for_primary_image = result_state_batch
+    temporary_result_state_batch_for_command_buffer = temporary_result_state_batch
 
     # -- encode ------------------------------------------------------------------------------------------
     def encode(
@@ -227,6 +243,8 @@ class MPSCNNBinaryKernel(MPSKernel):
             self._encode_checked(cb, prim, sec, destination, destination_state)
             _consume([prim, sec, *states])
             return None
+        if destination_state is not None:
+            raise MPSValueError(f"{self._name()}: `destination_state` needs a destination image; use `destination_state_is_temporary` to get a new state")
         desc = self.destination_image_descriptor([prim, sec], states)
         dest = self._allocator.image_for_command_buffer(cb, desc, self)
         self._prepare_new_destination(cb, prim, sec, dest)

@@ -314,24 +314,6 @@ class MPSCNNArithmetic(MPSCNNBinaryKernel):
         desc = MPSImageDescriptor._trusted(prim.feature_channel_format, r.width, r.height, nout, prim.number_of_images)
         return self._finish_descriptor(desc, method, source_images, source_states)
 
-    # -- result states ----------------------------------------------------------------------------
-    def result_state_batch(self, primary_images: Sequence[MPSImage], secondary_images: Sequence[MPSImage],
-                           source_states: Sequence[Sequence[MPSState]] | None = None,
-                           destination_images: Sequence[MPSImage] | None = None) -> list[MPSState]:
-        """``resultStateBatchForPrimaryImage:secondaryImage:sourceStates:destinationImage:``."""
-        return [self._make_state(p, s, destination_images[k] if destination_images else None, None)  # type: ignore[misc]
-                for k, (p, s) in enumerate(zip(primary_images, secondary_images))]
-
-    def temporary_result_state_batch(self, command_buffer: MTLCommandBuffer, primary_images: Sequence[MPSImage],
-                                     secondary_images: Sequence[MPSImage], source_states: Sequence[Sequence[MPSState]] | None = None,
-                                     destination_images: Sequence[MPSImage] | None = None) -> list[MPSState]:
-        cb = self._check_command_buffer(command_buffer)
-        return [self._make_state(p, s, destination_images[k] if destination_images else None, cb)  # type: ignore[misc]
-                for k, (p, s) in enumerate(zip(primary_images, secondary_images))]
-
-    result_state_batch_for_primary_image = result_state_batch
-    temporary_result_state_batch_for_command_buffer = temporary_result_state_batch
-
     # -- encode --------------------------------------------------------------------------------------
     def encode(self, command_buffer: MTLCommandBuffer, primary_image: MPSImage, secondary_image: MPSImage,
                destination_image: MPSImage | None = None, *, destination_state: MPSState | None = None,

@@ -638,3 +638,23 @@ def test_gradient_without_state_uses_kernel_properties(device, cb) -> None:
     finish(cb)
     expected = dy * ref.neuron_derivative(x[..., 4:], T.tanH, TANH.a, TANH.b, 0.0)
     assert_close(values(dx), expected, torch.float32)
+
+
+def test_binary_kernels_refuse_a_destination_state_without_a_destination(device, queue) -> None:
+    """The forms that return the result cannot fill a given state (the unary rule): an
+    `MPSValueError`, not a silently ignored argument."""
+    k = mpsnn.MPSNNReduceFeatureChannelsAndWeightsSum(device)
+    a = mpsnn.MPSImage.from_torch(torch.ones(1, 2, 2, 4, device=device.torch_device))
+    b = mpsnn.MPSImage.from_torch(torch.ones(1, 2, 2, 4, device=device.torch_device))
+    st = mpsnn.MPSState(device)
+    with pytest.raises(mpsnn.MPSValueError, match="destination_state"):
+        k.encode(queue.make_command_buffer(), a, b, destination_state=st)
+
+
+def test_binary_kernels_make_result_state_batches(device) -> None:
+    add = mpsnn.MPSCNNAdd(device)
+    imgs = [mpsnn.MPSImage.from_torch(torch.ones(1, 2, 3, 4, device=device.torch_device)) for _ in range(3)]
+    states = add.result_state_batch(imgs, imgs)
+    assert len(states) == 3 and all(isinstance(s, mpsnn.MPSCNNArithmeticGradientState) for s in states)
+    assert len({id(s) for s in states}) == 3, "one state per pair"
+    assert add.result_state_batch_for_primary_image == add.result_state_batch
