@@ -1,0 +1,175 @@
+"""Triton batch normalization over NHWC images (every pixel a row of ``C`` contiguous
+channels): the per-channel affine map with a fused neuron, the batch statistics, and the two
+halves of the training gradient. float32 arithmetic in registers.
+
+* :func:`apply` — ``y = f(x·scale[c] + shift[c])`` (inference, or training with the batch's
+  statistics folded into ``scale``/``shift``); ``f`` is any neuron of
+  :mod:`mpsnn.backends.triton.neuron` (the same float32 math), or none. One read, one write.
+* :func:`statistics` — per-channel mean and biased variance over all rows. Every program sums
+  a band of rows as ``Σ (x − k)`` and ``Σ (x − k)²`` around ``k`` = the channel's value in the
+  first row (so the variance does not cancel catastrophically when the mean is large), the
+  partial sums ``[bands, 2, C]`` are added in a fixed order (no atomics: the same bits every
+  run). One read.
+* :func:`gradient_sums` — ``Σ dy`` and ``Σ dy·(x − mean)`` per channel, the same way: one read
+  of each input (the statistics gradient: ``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``).
+* :func:`gradient_data` — ``dx = a[c]·(dy − b[c] − (x − mean[c])·d[c])`` elementwise (the data
+  gradient from those sums). Two reads, one write.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..torch_eager import NeuronParams
+from . import neuron as _neuron
+from .neuron import available, tl, triton
+from .softmax import rows_view
+
+__all__ = ["apply", "available", "gradient_data", "gradient_sums", "rows_view", "statistics"]
+
+if triton is not None:
+    _forward_math = _neuron._forward_math
+
+    @triton.jit
+    def _tile(M, C, BR: tl.constexpr, BC: tl.constexpr):
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        return r.to(tl.int64), c, (r[:, None] < M) & (c[None, :] < C), c < C
+
+    @triton.jit
+    def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, slopes_ptr, M, C, xs, ys, a, b, cc, k,
+                      NTYPE: tl.constexpr, BASE_E: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        r, c, m, cm = _tile(M, C, BR, BC)
+        x = tl.load(x_ptr + r[:, None] * xs + c[None, :], mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + c, mask=cm, other=0.0)
+        sh = tl.load(shift_ptr + c, mask=cm, other=0.0)
+        z = x * sc[None, :] + sh[None, :]
+        if NTYPE == 10:
+            s = tl.load(slopes_ptr + c, mask=cm, other=0.0)[None, :]
+        else:
+            s = 0.0
+        if NTYPE >= 0:
+            z = _forward_math(z, s, a, b, cc, k, NTYPE, BASE_E)
+        tl.store(y_ptr + r[:, None] * ys + c[None, :], z.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _sums_kernel(x_ptr, g_ptr, k_ptr, part_ptr, M, C, xs, gs,
+                     ITERS: tl.constexpr, GRAD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """Band ``program_id(1)``: S1, S2 of channels ``program_id(0)·BC + [0, BC)`` into
+        ``part[band, 0:2, C]``. Statistics: S1 = Σ(x−k), S2 = Σ(x−k)². Gradient: S1 = Σ g,
+        S2 = Σ g·(x−k)."""
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        band = tl.program_id(1)
+        cm = c < C
+        kv = tl.load(k_ptr + c, mask=cm, other=0.0)[None, :]
+        m0 = band * (ITERS * BR)
+        s1 = tl.zeros([BR, BC], tl.float32)
+        s2 = tl.zeros([BR, BC], tl.float32)
+        for t in tl.static_range(ITERS):
+            rows = m0 + t * BR + tl.arange(0, BR)
+            mask = (rows[:, None] < M) & cm[None, :]
+            r64 = rows.to(tl.int64)[:, None]
+            d = tl.where(mask, tl.load(x_ptr + r64 * xs + c[None, :], mask=mask, other=0.0).to(tl.float32) - kv, 0.0)
+            if GRAD:
+                g = tl.load(g_ptr + r64 * gs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                s1 += g
+                s2 += g * d
+            else:
+                s1 += d
+                s2 += d * d
+        base = part_ptr + band.to(tl.int64) * 2 * C
+        tl.store(base + c, tl.sum(s1, axis=0), mask=cm)
+        tl.store(base + C + c, tl.sum(s2, axis=0), mask=cm)
+
+    @triton.jit
+    def _data_gradient_kernel(g_ptr, x_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, M, C, gs, xs, os,
+                              BR: tl.constexpr, BC: tl.constexpr):
+        r, c, m, cm = _tile(M, C, BR, BC)
+        g = tl.load(g_ptr + r[:, None] * gs + c[None, :], mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r[:, None] * xs + c[None, :], mask=m, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
+        av = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
+        bv = tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
+        dv = tl.load(d_ptr + c, mask=cm, other=0.0)[None, :]
+        dx = av * (g - bv - (x - mu) * dv)
+        tl.store(out_ptr + r[:, None] * os + c[None, :], dx.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _tiles(c: int) -> tuple[int, int]:
+    """(rows, channels) per tile: up to 128 channels wide, ~4096 elements."""
+    bc = min(triton.next_power_of_2(max(c, 1)), 128)
+    return max(1, 4096 // bc), bc
+
+
+def _rows(*tensors: torch.Tensor) -> tuple[int, int, list[int]]:
+    views = [rows_view(t) for t in tensors]
+    if any(v is None for v in views):
+        raise ValueError("batch-norm engine: NHWC tensors whose pixels are equally spaced rows of contiguous channels")
+    m, c, _ = views[0]  # type: ignore[misc]
+    return m, c, [v[2] for v in views]  # type: ignore[index]
+
+
+def _vec(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(device=like.device, dtype=torch.float32).contiguous()
+
+
+def apply(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, neuron: NeuronParams | None = None) -> None:
+    """``out = f(x·scale + shift)`` per channel (``scale``, ``shift``: ``[C]``)."""
+    m, c, (xs, ys) = _rows(x, out)
+    if m == 0 or c == 0:
+        return
+    br, bc = _tiles(c)
+    ntype, a, b, cc, k, base_e, slopes = -1, 0.0, 0.0, 0.0, 0.0, False, x
+    if neuron is not None:
+        ntype = int(neuron.neuron_type)
+        a, b, cc, k, base_e = _neuron._scalars(neuron, False)
+        if ntype == 10:
+            slopes = _neuron._prelu_slopes(neuron, x)
+    _apply_kernel[(triton.cdiv(m, br), triton.cdiv(c, bc))](
+        x, out, _vec(scale, x), _vec(shift, x), slopes, m, c, xs, ys, a, b, cc, k, NTYPE=ntype, BASE_E=base_e, BR=br, BC=bc,
+        num_warps=8, enable_fp_fusion=False)
+
+
+def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+    """``[2, C]`` float32: (S1, S2) of :func:`_sums_kernel`, summed over the bands."""
+    tensors = (x,) if g is None else (x, g)
+    m, c, strides = _rows(*tensors)
+    br, bc = min(64, triton.next_power_of_2(max(m, 1))), min(triton.next_power_of_2(max(c, 1)), 64)
+    br = max(1, min(br, 4096 // bc))
+    col_blocks = triton.cdiv(c, bc)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    bands = max(1, min(triton.cdiv(m, br), (4 * sms + col_blocks - 1) // col_blocks))
+    # tiles per band: a power of two (few compiled variants), at most 64 (unrolled loop)
+    iters = min(64, triton.next_power_of_2(triton.cdiv(m, bands * br)))
+    bands = max(1, triton.cdiv(m, iters * br))
+    part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
+    _sums_kernel[(col_blocks, bands)](x, g if g is not None else x, k, part, m, c, strides[0], strides[-1],
+                                      ITERS=iters, GRAD=g is not None, BR=br, BC=bc, num_warps=4)
+    return part.sum(0)
+
+
+def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x``'s pixels, float32 ``[C]``."""
+    m, c, _ = _rows(x)
+    k = x[0, 0, 0].float().contiguous()     # the first pixel: a value near every channel's mean
+    s = _band_sums(x, None, k)
+    mean = k + s[0] / m
+    var = (s[1] - s[0] * s[0] / m).clamp_(min=0.0) / m
+    return mean, var
+
+
+def gradient_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``(Σ g, Σ g·(x − mean))`` over all pixels, float32 ``[C]``."""
+    s = _band_sums(x, g, _vec(mean, x))
+    return s[0], s[1]
+
+
+def gradient_data(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  d: torch.Tensor) -> None:
+    """``out = a·(g − b − (x − mean)·d)`` per channel (all vectors float32 ``[C]``); for the
+    training-mode data gradient ``a = γ·rstd``, ``b = Σg / M``, ``d = rstd²·Σ g·(x − mean) / M``."""
+    m, c, (gs, xs, os) = _rows(g, x, out)
+    if m == 0 or c == 0:
+        return
+    br, bc = _tiles(c)
+    _data_gradient_kernel[(triton.cdiv(m, br), triton.cdiv(c, bc))](
+        g, x, out, _vec(mean, x), _vec(a, x), _vec(b, x), _vec(d, x), m, c, gs, xs, os, BR=br, BC=bc, num_warps=8)
