@@ -77,7 +77,10 @@ from .images.state import (
 
 # The families below list their public names in their modules' ``__all__``.
 from .kernels import arithmetic as _arithmetic
+from .kernels import batch_normalization as _batch_normalization
 from .kernels import dropout as _dropout
+from .kernels import instance_group_normalization as _instance_group_normalization
+from .kernels import local_normalization as _local_normalization
 from .kernels import pooling as _pooling
 from .kernels import reduce as _reduce
 from .kernels import resampling as _resampling
@@ -85,6 +88,7 @@ from .kernels import reshape as _reshape
 from .kernels import softmax as _softmax
 from .kernels import upsampling as _upsampling
 from .kernels.arithmetic import *  # noqa: E402,F401,F403
+from .kernels.batch_normalization import *  # noqa: E402,F401,F403
 from .kernels.binary_convolution import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
 from .kernels.convolution import (
     MPSCNNConvolution,
@@ -104,6 +108,8 @@ from .kernels.convolution_data import (
 )
 from .kernels.convolution_transpose import MPSCNNConvolutionTranspose, MPSCNNConvolutionTransposeGradient
 from .kernels.dropout import *  # noqa: E402,F401,F403
+from .kernels.instance_group_normalization import *  # noqa: E402,F401,F403
+from .kernels.local_normalization import *  # noqa: E402,F401,F403
 from .kernels.neuron import (
     MPSCNNNeuron,
     MPSCNNNeuronAbsolute,
@@ -241,5 +247,6 @@ __all__ = [
     "NSRange",
     "default_device",
 ]
-__all__ += [*_arithmetic.__all__, *_dropout.__all__, *_pooling.__all__, *_reduce.__all__, *_resampling.__all__, *_reshape.__all__,
+__all__ += [*_arithmetic.__all__, *_batch_normalization.__all__, *_instance_group_normalization.__all__, *_local_normalization.__all__,
+            *_dropout.__all__, *_pooling.__all__, *_reduce.__all__, *_resampling.__all__, *_reshape.__all__,
             *_softmax.__all__, *_upsampling.__all__]
