@@ -206,11 +206,11 @@ class MPSCNNPooling(MPSCNNKernel):
         x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels]
         ay = PoolAxis(src.height, region.height, inp.window_top, inp.stride_y, inp.dilation_y, inp.kernel_height, zpy)
         ax = PoolAxis(src.width, region.width, inp.window_left, inp.stride_x, inp.dilation_x, inp.kernel_width, zpx)
-        self._result_dtype = result_dtype(dest)
-        self._result_out = direct_out(dest, region, (region.count, region.height, region.width, region.channels))
-        write_result(dest, region, self._forward(x, ay, ax, clamp))
+        out = direct_out(dest, region, (region.count, region.height, region.width, region.channels))
+        write_result(dest, region, self._forward(x, ay, ax, clamp, result_dtype(dest), out))
 
-    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
 
@@ -233,8 +233,9 @@ class MPSCNNPoolingMax(MPSCNNPooling):
 
     _mode = "max"
 
-    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
-        return backend.max_pool_nhwc(x, ay, ax, clamp, out_dtype=self._result_dtype, out=self._result_out)
+    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        return backend.max_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
 class MPSCNNPoolingAverage(_ZeroPad, MPSCNNPooling):
@@ -283,8 +284,9 @@ class MPSCNNPoolingAverage(_ZeroPad, MPSCNNPooling):
             self._zero_pad = pads
         return desc
 
-    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
-        return backend.average_pool_nhwc(x, ay, ax, clamp, out_dtype=self._result_dtype, out=self._result_out)
+    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        return backend.average_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
 class MPSCNNPoolingL2Norm(MPSCNNPooling):
@@ -299,8 +301,9 @@ class MPSCNNPoolingL2Norm(MPSCNNPooling):
 
     _mode = "l2"
 
-    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
-        return backend.l2norm_pool_nhwc(x, ay, ax, clamp, out_dtype=self._result_dtype, out=self._result_out)
+    def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        return backend.l2norm_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
 class MPSCNNDilatedPoolingMax(MPSCNNPoolingMax):
@@ -453,8 +456,6 @@ class MPSCNNPoolingGradient(MPSCNNGradientKernel):
     def _encode_region(self, cb: MTLCommandBuffer, prim: MPSImage, pg: InputGeometry, sec: MPSImage, sg: InputGeometry,
                        dest: MPSImage, region: Region, state: MPSState | None) -> None:
         clamp = _clamp_mode(self._name(), "secondary_edge_mode", self._s_edge)
-        self._result_dtype = result_dtype(dest)
-        self._result_out = None
         (kw, kh), (dlx, dly), (sx, sy) = self._secondary_kernel, self._secondary_dilation, self._s_stride
         zpx, zpy = self._zero_pads()
         count, nch = region.count, region.channels
@@ -469,8 +470,8 @@ class MPSCNNPoolingGradient(MPSCNNGradientKernel):
             y0x, y0y = gradient_origin(so.x, kw, dlx), gradient_origin(so.y, kh, dly)
             identity = (y0x + region.x0 - self._clip_rect.origin.x, y0y + region.y0 - self._clip_rect.origin.y) == (0, 0) \
                 and (region.width, region.height) == (sec.width, sec.height)
-            self._result_out = direct_out(dest, region, tuple(x.shape)) if identity else None
-            dx = self._gradient(g, x, ay, ax, clamp)
+            out = direct_out(dest, region, tuple(x.shape)) if identity else None
+            dx = self._gradient(g, x, ay, ax, clamp, result_dtype(dest), out)
         else:  # no gradient pixel contributes
             dx = torch.zeros(x.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
         y0x, y0y = gradient_origin(so.x, kw, dlx), gradient_origin(so.y, kh, dly)
@@ -486,7 +487,8 @@ class MPSCNNPoolingGradient(MPSCNNGradientKernel):
             if cx > 0:
                 dest.tensor[n_, :, :min(cx, dest.width), c_] = 0
 
-    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
 
@@ -506,8 +508,9 @@ class MPSCNNPoolingMaxGradient(MPSCNNPoolingGradient):
 
     _forward_classes = (MPSCNNPoolingMax,)
 
-    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
-        return backend.max_pool_gradient_nhwc(g, x, ay, ax, clamp, out_dtype=self._result_dtype, out=self._result_out)
+    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
+        return backend.max_pool_gradient_nhwc(g, x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
 class MPSCNNPoolingAverageGradient(_ZeroPad, MPSCNNPoolingGradient):
@@ -535,8 +538,9 @@ class MPSCNNPoolingAverageGradient(_ZeroPad, MPSCNNPoolingGradient):
     def _take_zero_pads(self, pads: tuple[int, int]) -> None:
         self._zero_pad = [pads[0], pads[1]]
 
-    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
-        return backend.average_pool_gradient_nhwc(g, ay, ax, clamp, out_dtype=self._result_dtype, out=self._result_out)
+    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
+        return backend.average_pool_gradient_nhwc(g, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
 class MPSCNNPoolingL2NormGradient(MPSCNNPoolingGradient):
@@ -550,7 +554,8 @@ class MPSCNNPoolingL2NormGradient(MPSCNNPoolingGradient):
 
     _forward_classes = (MPSCNNPoolingL2Norm,)
 
-    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> torch.Tensor:
+    def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
+                  out: torch.Tensor | None) -> torch.Tensor:
         return backend.l2norm_pool_gradient_nhwc(g, x, ay, ax, clamp)
 
 

@@ -181,7 +181,7 @@ class MPSCNNUpsampling(MPSCNNKernel):
             _record(state, self)
         super()._encode_checked(cb, src, dest, state)
 
-    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+    def _upsample(self, x: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
@@ -193,9 +193,8 @@ class MPSCNNUpsampling(MPSCNNKernel):
         left = self._offset.x * self._sx + region.x0 - clip.x
         top = self._offset.y * self._sy + region.y0 - clip.y
         uw, uh = x.shape[2] * self._sx, x.shape[1] * self._sy
-        self._out_dtype = result_dtype(dest)
-        self._out = direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
-        u = self._upsample(x)
+        out = direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
+        u = self._upsample(x, result_dtype(dest), out)
         _store(dest, region, read_window(u, left, top, region.width, region.height, edge))
 
 
@@ -222,8 +221,8 @@ class MPSCNNUpsamplingNearest(MPSCNNUpsampling):
     def __init__(self, device: Device | str, integer_scale_factor_x: Any = None, integer_scale_factor_y: Any = None) -> None:
         super().__init__(device, integer_scale_factor_x, integer_scale_factor_y, False)
 
-    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
-        return up.upsample_nearest_nhwc(x, self._sx, self._sy, self._out_dtype, self._out)
+    def _upsample(self, x: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+        return up.upsample_nearest_nhwc(x, self._sx, self._sy, out_dtype, out)
 
 
 class MPSCNNUpsamplingBilinear(MPSCNNUpsampling):
@@ -247,8 +246,8 @@ class MPSCNNUpsamplingBilinear(MPSCNNUpsampling):
                  align_corners: bool = False) -> None:
         super().__init__(device, integer_scale_factor_x, integer_scale_factor_y, align_corners)
 
-    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
-        return up.upsample_bilinear_nhwc(x, self._sx, self._sy, self._align, self._out_dtype, self._out)
+    def _upsample(self, x: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+        return up.upsample_bilinear_nhwc(x, self._sx, self._sy, self._align, out_dtype, out)
 
 
 # -- gradients -------------------------------------------------------------------------------------------
@@ -347,7 +346,7 @@ class MPSCNNUpsamplingGradient(MPSCNNGradientKernel):
             raise value_error(self._name(), "source_gradient", f"{prim.width}x{prim.height}",
                               f"cover the region the forward pass wrote (up to x={x1}, y={y1})")
 
-    def _adjoint(self, g: torch.Tensor) -> torch.Tensor:
+    def _adjoint(self, g: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
@@ -365,10 +364,8 @@ class MPSCNNUpsamplingGradient(MPSCNNGradientKernel):
             left = top = 0
         g = prim.tensor[pg.n0:pg.n0 + region.count, :, :, pg.c0:pg.c0 + pg.channels]
         gu = read_window(g, left, top, uw, uh, MPSImageEdgeMode.zero, 1, 1, pg.bounds)
-        self._out_dtype = result_dtype(dest)
         whole = (region.x0, region.y0, region.width, region.height) == (0, 0, sec.width, sec.height)
-        self._out = direct_out(dest, region) if whole else None
-        dx = self._adjoint(gu)
+        dx = self._adjoint(gu, result_dtype(dest), direct_out(dest, region) if whole else None)
         _store(dest, region, dx[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
 
 
@@ -384,8 +381,8 @@ class MPSCNNUpsamplingNearestGradient(MPSCNNUpsamplingGradient):
 
     _method = "nearest"
 
-    def _adjoint(self, g: torch.Tensor) -> torch.Tensor:
-        return up.upsample_nearest_gradient_nhwc(g, self._sx, self._sy, self._out_dtype, self._out)
+    def _adjoint(self, g: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+        return up.upsample_nearest_gradient_nhwc(g, self._sx, self._sy, out_dtype, out)
 
 
 class MPSCNNUpsamplingBilinearGradient(MPSCNNUpsamplingGradient):
@@ -401,6 +398,6 @@ class MPSCNNUpsamplingBilinearGradient(MPSCNNUpsamplingGradient):
 
     _method = "bilinear"
 
-    def _adjoint(self, g: torch.Tensor) -> torch.Tensor:
-        return up.upsample_bilinear_gradient_nhwc(g, self._sx, self._sy, self._forward_align_corners(), self._out_dtype, self._out)
+    def _adjoint(self, g: torch.Tensor, out_dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+        return up.upsample_bilinear_gradient_nhwc(g, self._sx, self._sy, self._forward_align_corners(), out_dtype, out)
 
