@@ -13,7 +13,7 @@ from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPST
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSNNGradientState, MPSState
 from .device import Device, MTLCommandBuffer
 from .enums import MPSImageEdgeMode
-from .errors import MPSValueError, value_error
+from .errors import MPSTypeError, MPSValueError, value_error
 from .kernel import (
     _DEFAULT_PADDING,
     ULONG_MAX,
@@ -363,6 +363,13 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         #: the gradient state of the encode in progress (set by the descriptor pipeline)
         self._gradient_state: MPSNNGradientState | None = None
 
+    #: why the batch forms need gradient states (None: they are optional)
+    _gradient_states_required: str | None = None
+
+    def _check_gradient_state(self, name: str, state: MPSState | None) -> None:
+        """Refuse a gradient state this kernel cannot use; every encode form calls it first,
+        for each state. The base accepts any state, and none."""
+
     def apply_forward_geometry(self, g: ForwardGeometry) -> None:
         """Take the forward kernel's geometry from its gradient state (unit-stride, windowless
         forward kernels; windowed kernels override)."""
@@ -442,6 +449,7 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         destination_gradient: MPSImage | None = None,
     ) -> MPSImage | None:
         """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
+        self._check_gradient_state("gradient_state", gradient_state)
         self._forward, self._gradient_state = None, None
         states = [gradient_state] if gradient_state is not None else None
         return self._encode_binary(command_buffer, source_gradient, source_image, destination_gradient, states, None, None)
@@ -454,6 +462,10 @@ class MPSCNNGradientKernel(MPSCNNBinaryKernel):
         gradient_states: Sequence[MPSState] | None,
         destination_gradients: Sequence[MPSImage] | None = None,
     ) -> list[MPSImage] | None:
+        if gradient_states is None and self._gradient_states_required is not None:
+            raise MPSTypeError(f"{self._name()}: `gradient_states` are required ({self._gradient_states_required})")
+        for k, st in enumerate(gradient_states or []):
+            self._check_gradient_state(f"gradient_states[{k}]", st)
         self._forward, self._gradient_state = None, None
         states = list(gradient_states) if gradient_states is not None else None
         return self._encode_binary_batch(command_buffer, source_gradients, source_images, destination_gradients, states, None, None)

@@ -493,17 +493,13 @@ class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
             raise value_error(self._name(), "source_image.feature_channels", secondary_channels, f"supply input_feature_channels={g.input_channels} channels")
         return g.input_channels
 
-    def _check_state_type(self, name: str, state: Any) -> None:
+    _gradient_states_required = "the forward encode's states carry its geometry and receive dW and db"
+
+    def _check_gradient_state(self, name: str, state: Any) -> None:
         if not isinstance(state, self._state_class):
             raise MPSTypeError(f"{self._name()}: `{name}` must be the {self._state_class.__name__} of the forward encode, but got {type(state).__name__}")
 
-    def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def, override]
-        self._check_state_type("gradient_state", gradient_state)
-        return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
-
     def encode_batch(self, command_buffer, source_gradients, source_images, gradient_states, destination_gradients=None):  # type: ignore[no-untyped-def, override]
-        for k, s in enumerate(gradient_states or [None]):
-            self._check_state_type(f"gradient_states[{k}]", s)
         self._accumulating = set()
         try:
             return super().encode_batch(command_buffer, source_gradients, source_images, gradient_states, destination_gradients)
@@ -603,7 +599,7 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
         """As :meth:`MPSCNNGradientKernel.encode`. Repeated encodes of one geometry replay a
         plan recorded by the first (see :class:`_GradientPlan`); with an explicit destination
         the replay also skips the state and descriptor handling of the general path."""
-        self._check_state_type("gradient_state", gradient_state)
+        self._check_gradient_state("gradient_state", gradient_state)
         general = super().encode
         if destination_gradient is None or not self._use_plans:
             return general(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)

@@ -307,7 +307,9 @@ class MPSCNNDropoutGradient(_DropoutParameters, MPSCNNGradientKernel):
         MPSCNNGradientKernel.__init__(self, device)
         self._set_parameters(keep_probability, seed, mask_stride_in_pixels)
 
-    def _check_dropout_state(self, name: str, state: Any) -> None:
+    _gradient_states_required = "the forward MPSCNNDropoutGradientStates hold the masks"
+
+    def _check_gradient_state(self, name: str, state: Any) -> None:
         if not isinstance(state, MPSCNNDropoutGradientState):
             raise MPSTypeError(f"{self._name()}: `{name}` must be the MPSCNNDropoutGradientState of the forward MPSCNNDropout "
                                f"(it holds the mask), but got {type(state).__name__}")
@@ -322,32 +324,6 @@ class MPSCNNDropoutGradient(_DropoutParameters, MPSCNNGradientKernel):
             raise value_error(self._name(), "source_gradient", f"{primary_channels} channels used",
                               f"match the {secondary_channels} channels used of source_image")
         return primary_channels
-
-    def encode(  # type: ignore[override]
-        self,
-        command_buffer: MTLCommandBuffer,
-        source_gradient: MPSImage,
-        source_image: MPSImage,
-        gradient_state: MPSState | None,
-        destination_gradient: MPSImage | None = None,
-    ) -> MPSImage | None:
-        """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
-        self._check_dropout_state("gradient_state", gradient_state)
-        return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
-
-    def encode_batch(  # type: ignore[override]
-        self,
-        command_buffer: MTLCommandBuffer,
-        source_gradients: Sequence[MPSImage],
-        source_images: Sequence[MPSImage],
-        gradient_states: Sequence[MPSState] | None,
-        destination_gradients: Sequence[MPSImage] | None = None,
-    ) -> list[MPSImage] | None:
-        if gradient_states is None:
-            raise MPSTypeError(f"{self._name()}: `gradient_states` are required (the forward MPSCNNDropoutGradientStates hold the masks)")
-        for k, st in enumerate(gradient_states):
-            self._check_dropout_state(f"gradient_states[{k}]", st)
-        return super().encode_batch(command_buffer, source_gradients, source_images, gradient_states, destination_gradients)
 
     def _encode_region(self, cb, prim, pg, sec, sg, dest, region, state):  # type: ignore[no-untyped-def]
         st = self._gradient_state

@@ -761,37 +761,12 @@ class _NormalizationGradient(MPSCNNGradientKernel):
     def __init__(self, device: Device | str) -> None:
         super().__init__(device)
 
-    def _check_norm_state(self, name: str, state: Any) -> None:
+    _gradient_states_required = "the forward states hold gamma and the statistics; entry k uses gradient_states[k]"
+
+    def _check_gradient_state(self, name: str, state: Any) -> None:
         if not isinstance(state, self._state_cls):
             raise MPSTypeError(f"{self._name()}: `{name}` must be the {self._state_cls.__name__} of the forward encode "
                                f"(it holds gamma and the statistics), but got {type(state).__name__}")
-
-    def encode(  # type: ignore[override]
-        self,
-        command_buffer: MTLCommandBuffer,
-        source_gradient: MPSImage,
-        source_image: MPSImage,
-        gradient_state: MPSState | None,
-        destination_gradient: MPSImage | None = None,
-    ) -> MPSImage | None:
-        """``encode(commandBuffer:sourceGradient:sourceImage:gradientState:[destinationGradient:])``."""
-        self._check_norm_state("gradient_state", gradient_state)
-        return super().encode(command_buffer, source_gradient, source_image, gradient_state, destination_gradient)
-
-    def encode_batch(  # type: ignore[override]
-        self,
-        command_buffer: MTLCommandBuffer,
-        source_gradients: Sequence[MPSImage],
-        source_images: Sequence[MPSImage],
-        gradient_states: Sequence[MPSState] | None,
-        destination_gradients: Sequence[MPSImage] | None = None,
-    ) -> list[MPSImage] | None:
-        """Batch form: entry ``k`` uses ``gradient_states[k]`` (one state per image)."""
-        if gradient_states is None:
-            raise MPSTypeError(f"{self._name()}: `gradient_states` are required (the forward states hold gamma and the statistics)")
-        for k, st in enumerate(gradient_states):
-            self._check_norm_state(f"gradient_states[{k}]", st)
-        return super().encode_batch(command_buffer, source_gradients, source_images, gradient_states, destination_gradients)
 
     def apply_forward_geometry(self, g: ForwardGeometry) -> None:
         super().apply_forward_geometry(g)
