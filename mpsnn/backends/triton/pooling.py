@@ -45,18 +45,21 @@ if triton is not None:
         return tl.where((pos >= 0) & (pos < size), pos, 0), (pos >= 0) & (pos < size)
 
     @triton.jit
+    def _pixel_tile(P, C, W, H, BP: tl.constexpr, BC: tl.constexpr):
+        """This program's tile of ``BP`` pixels (flat over ``[N, H, W]``) by ``BC`` channels:
+        (channels, pixel mask, channel mask, column, row, image index as int64)."""
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        x = p % W
+        t = p // W
+        return c, p < P, c < C, x, t % H, (t // H).to(tl.int64)
+
+    @triton.jit
     def _pool_forward_kernel(x_ptr, y_ptr, P, C, H, W, OH, OW, xs_n, xs_h, xs_w, ys_n, ys_h, ys_w,
                              fy, fx, sy, sx, dy, dx, zpy, zpx,
                              KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr, CLAMP: tl.constexpr, TAPCLAMP: tl.constexpr,
                              BP: tl.constexpr, BC: tl.constexpr):
-        p = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm = p < P
-        cm = c < C
-        ow = p % OW
-        t = p // OW
-        oh = t % OH
-        n = (t // OH).to(tl.int64)
+        c, pm, cm, ow, oh, n = _pixel_tile(P, C, OW, OH, BP, BC)
         y0 = fy + oh * sy
         x0 = fx + ow * sx
         base = x_ptr + n * xs_n
@@ -103,14 +106,7 @@ if triton is not None:
     def _pool_argmax_kernel(x_ptr, a_ptr, P, C, H, W, OH, OW, xs_n, xs_h, xs_w,
                             fy, fx, sy, sx, dy, dx,
                             KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-        p = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm = p < P
-        cm = c < C
-        ow = p % OW
-        t = p // OW
-        oh = t % OH
-        n = (t // OH).to(tl.int64)
+        c, pm, cm, ow, oh, n = _pixel_tile(P, C, OW, OH, BP, BC)
         y0 = fy + oh * sy
         x0 = fx + ow * sx
         base = x_ptr + n * xs_n
@@ -139,7 +135,7 @@ if triton is not None:
             ty = tl.minimum(tl.maximum(y0[:, None] + wy, 0), H - 1) - y0[:, None]
             tx = tl.minimum(tl.maximum(x0[:, None] + wx, 0), W - 1) - x0[:, None]
             arg = tl.where(arg >= 0, ty * KW + tx, arg)
-        ap = a_ptr + (p.to(tl.int64) * C)
+        ap = a_ptr + ((n * OH + oh) * OW + ow) * C
         tl.store(ap[:, None] + c[None, :], arg.to(tl.int8), mask=pm[:, None] & cm[None, :])
 
     @triton.jit
@@ -149,14 +145,7 @@ if triton is not None:
                             MAXG: tl.constexpr, CLAMP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
         # Every source pixel visits the (ky, kx) taps: window j has tap ky on row y iff
         # y - fy - ky·DY = j·SY with 0 <= j < OH. All divisions see non-negative numerators.
-        q = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        qm = q < Q
-        cm = c < C
-        x = q % W
-        t = q // W
-        y = t % H
-        n = (t // H).to(tl.int64)
+        c, qm, cm, x, y, n = _pixel_tile(Q, C, W, H, BP, BC)
         acc = tl.zeros([BP, BC], tl.float32)
         for ky in tl.static_range(KH):
             ny = y - fy - ky * DY

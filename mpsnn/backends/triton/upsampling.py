@@ -17,10 +17,13 @@ from __future__ import annotations
 import torch
 
 from .neuron import available, tl, triton
+from .pooling import _blocks
 
 __all__ = ["available", "bilinear_forward", "bilinear_gradient", "nearest_forward", "nearest_gradient"]
 
 if triton is not None:
+    from .pooling import _pixel_tile
+
     @triton.jit
     def _axis_taps(i, n_in, n_out, S: tl.constexpr, ALIGN: tl.constexpr):
         """(first tap, second tap, weight of the second) of output index ``i`` (i >= 0)."""
@@ -42,15 +45,8 @@ if triton is not None:
     def _up_forward_kernel(x_ptr, y_ptr, P, C, H, W, OH, OW, xs_n, xs_h, xs_w, ys_n, ys_h, ys_w,
                            SY: tl.constexpr, SX: tl.constexpr, BILINEAR: tl.constexpr, ALIGN: tl.constexpr,
                            BP: tl.constexpr, BC: tl.constexpr):
-        p = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        pm = p < P
-        cm = c < C
+        c, pm, cm, ox, oy, n = _pixel_tile(P, C, OW, OH, BP, BC)
         m2 = pm[:, None] & cm[None, :]
-        ox = p % OW
-        t = p // OW
-        oy = t % OH
-        n = (t // OH).to(tl.int64)
         base = x_ptr + n * xs_n
         if BILINEAR:
             y0, y1, fy = _axis_taps(oy, H, OH, SY, ALIGN)
@@ -87,14 +83,7 @@ if triton is not None:
     def _up_gradient_kernel(g_ptr, d_ptr, Q, C, H, W, OH, OW, gs_n, gs_h, gs_w, ds_n, ds_h, ds_w,
                             SY: tl.constexpr, SX: tl.constexpr, NY: tl.constexpr, NX: tl.constexpr,
                             BILINEAR: tl.constexpr, ALIGN: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-        q = tl.program_id(0) * BP + tl.arange(0, BP)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        qm = q < Q
-        cm = c < C
-        px = q % W
-        t = q // W
-        py = t % H
-        n = (t // H).to(tl.int64)
+        c, qm, cm, px, py, n = _pixel_tile(Q, C, W, H, BP, BC)
         base = g_ptr + n * gs_n
         acc = tl.zeros([BP, BC], tl.float32)
         if BILINEAR:
@@ -121,11 +110,6 @@ if triton is not None:
                     acc += tl.load(base[:, None] + src[:, None] + c[None, :], mask=qm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         dp = d_ptr + n * ds_n + py.to(tl.int64) * ds_h + px.to(tl.int64) * ds_w
         tl.store(dp[:, None] + c[None, :], acc.to(d_ptr.dtype.element_ty), mask=qm[:, None] & cm[None, :])
-
-
-def _blocks(c: int) -> tuple[int, int]:
-    bc = 16 if c <= 16 else 64
-    return 4096 // bc // 2, bc
 
 
 def _readers(n_in: int, n_out: int, s: int, bilinear: bool, align: bool) -> int:
