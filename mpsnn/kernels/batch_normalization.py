@@ -67,7 +67,6 @@ from ..core.host_arrays import float32_array
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
 from ..core.regions import read_window
 from ..core.structs import MPSOffset, MPSRectNoClip
-from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .neuron import MPSNNNeuronDescriptor
@@ -452,12 +451,6 @@ class MPSCNNBatchNormalizationState(MPSNNGradientState):
 # -- shared pieces of the kernels -------------------------------------------------------------------
 
 
-def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
-    """Round the float32 result to the destination format once and write the region."""
-    if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
-        y = y.to(dest.dtype)
-    write_result(dest, region, y)
-
 
 class _FusedNeuron:
     """The optional fused neuron of the batch-norm kernels."""
@@ -767,7 +760,7 @@ class MPSCNNBatchNormalization(_FusedNeuron, MPSCNNKernel):
         scale = gamma * torch.rsqrt(var + self._epsilon)
         shift = beta - mean * scale
         y = backend.batch_norm_inference_nhwc(x, scale, shift, self._neuron(c, self.device))
-        _store(dest, region, y)
+        write_result(dest, region, y)
 
 
 # -- statistics -------------------------------------------------------------------------------------
@@ -982,5 +975,5 @@ class MPSCNNBatchNormalizationGradient(_BatchNormGradientBase):
         dx, _, _ = backend.batch_norm_gradient_nhwc(dy, x, mean, var, st.gamma, eps, st.beta, self._neuron(c, self.device),
                                                     totals=(dgamma, dbeta, n), constant_statistics=st._stat_count == 0)
         assert dx is not None
-        _store(dest, region, dx)
+        write_result(dest, region, dx)
         st._dgamma, st._dbeta = dgamma, dbeta

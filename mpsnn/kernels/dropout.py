@@ -59,7 +59,6 @@ from ..core.errors import MPSStateError, MPSTypeError, value_error
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..core.structs import MTLSize
-from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .results import write_result
@@ -139,11 +138,6 @@ class _DropoutParameters:
         """``MTLSize(x, y, z)``, each 0 (broadcast) or 1 (independent); z = channels (read-only)."""
         return self._stride
 
-
-def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
-    if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
-        y = y.to(dest.dtype)
-    write_result(dest, region, y)
 
 
 # -- the state -----------------------------------------------------------------------------------------
@@ -276,7 +270,7 @@ class MPSCNNDropout(_DropoutParameters, MPSCNNKernel):
         sx, sy, sz = self._stride.width, self._stride.height, self._stride.depth
         shape = (region.count, region.height if sy else 1, region.width if sx else 1, inp.channels if sz else 1)
         mask = dropout_mask(shape, self._keep, self._seed_now, dest.device.torch_device)
-        _store(dest, region, dropout_apply(x, mask, self._keep))
+        write_result(dest, region, dropout_apply(x, mask, self._keep))
         if isinstance(state, MPSCNNDropoutGradientState):
             state.keep_probability, state.seed, state.mask_stride_in_pixels = self._keep, self._seed, self._stride
             state.mask_seed = self._seed_now
@@ -339,4 +333,4 @@ class MPSCNNDropoutGradient(_DropoutParameters, MPSCNNGradientKernel):
         # the mask covers the forward destination's block R, whose origin is clip_rect.origin
         m = read_window(mask[:region.count], pg.window_left - g.clip_rect.origin.x, pg.window_top - g.clip_rect.origin.y,
                         region.width, region.height, pg.edge_mode, pg.stride_x, pg.stride_y)
-        _store(dest, region, dropout_apply(dy, m, self._keep))
+        write_result(dest, region, dropout_apply(dy, m, self._keep))

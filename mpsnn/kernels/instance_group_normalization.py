@@ -64,7 +64,6 @@ from ..core.errors import MPSStateError, MPSTypeError, MPSValueError, value_erro
 from ..core.host_arrays import float32_array
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
-from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .results import write_result
@@ -532,11 +531,6 @@ class MPSCNNGroupNormalizationGradientState(_NormalizationGradientState):
 # -- forward kernels ---------------------------------------------------------------------------------------------
 
 
-def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
-    if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
-        y = y.to(dest.dtype)
-    write_result(dest, region, y)
-
 
 class _NormalizationForward(MPSCNNKernel):
     _protocol: type = abc.ABC
@@ -659,7 +653,7 @@ class _NormalizationForward(MPSCNNKernel):
         x = read_window(src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels],
                         inp.window_left, inp.window_top, region.width, region.height, inp.edge_mode, inp.stride_x, inp.stride_y)
         y, mean, rstd = group_normalization_nhwc(x, self._gamma, self._beta, self._groups, self._epsilon)
-        _store(dest, region, y)
+        write_result(dest, region, y)
         if isinstance(state, _NormalizationGradientState):
             state._gamma, state._beta = self._gamma, self._beta
             state._channels, state._groups = self._channels, self._groups
@@ -814,7 +808,7 @@ class _NormalizationGradient(MPSCNNGradientKernel):
         pad_h = max(0, region.y0 + region.height - g.source_height)
         if pad_w or pad_h:
             full = F.pad(full, (0, 0, 0, pad_w, 0, pad_h))
-        _store(dest, region, full[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
+        write_result(dest, region, full[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
 
 
 class MPSCNNInstanceNormalizationGradient(_NormalizationGradient):

@@ -12,16 +12,20 @@ __all__ = ["direct_out", "result_dtype", "write_result"]
 
 
 def write_result(dest: MPSImage, region: Region, values: torch.Tensor) -> None:
-    """Store ``values`` into ``dest``'s region; when the region is all of a fresh image that
-    mpsnn owns, adopt the tensor as its storage instead of copying (zero-copy results).
-    Nothing to do when ``values`` already is the destination's region (written in place)."""
+    """Store ``values`` into ``dest``'s region, rounded once to the destination's format; when
+    the region is all of a fresh image that mpsnn owns, adopt the tensor (converted to the
+    storage dtype first where it differs) as its storage instead of copying (zero-copy
+    results). Nothing to do when ``values`` already is the destination's region (written in
+    place)."""
     if dest.is_allocated:
         view = dest.tensor[region.index()]
         if values.data_ptr() == view.data_ptr() and values.shape == view.shape and values.stride() == view.stride():
             return
     if (region.covers(dest) and dest.parent is None and not dest._wrapped and dest._storage is None
-            and values.is_contiguous() and values.dtype == dest.dtype and values.shape == dest.shape
+            and values.is_contiguous() and values.shape == dest.shape
             and dest.feature_channel_format not in fm.UNORM_MAX and values.device == dest.device.torch_device):
+        if values.dtype != dest.dtype:
+            values = values.to(dest.dtype)
         dest._storage = values
         if isinstance(dest, MPSTemporaryImage):
             dest._flat = values.view(-1)

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from ..backends.softmax import softmax_gradient_nhwc, softmax_nhwc
 from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
@@ -40,19 +38,12 @@ from ..core.enums import MPSImageEdgeMode
 from ..core.errors import value_error
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
-from ..images import formats as fm
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSState
 from .results import direct_out, result_dtype, write_result
 
 __all__ = ["MPSCNNLogSoftMax", "MPSCNNLogSoftMaxGradient", "MPSCNNSoftMax", "MPSCNNSoftMaxGradient"]
 
-
-def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
-    """Round the float32 result to the destination format once and write the region."""
-    if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
-        y = y.to(dest.dtype)
-    write_result(dest, region, y)
 
 
 class _SoftMaxForward(MPSCNNKernel):
@@ -64,7 +55,7 @@ class _SoftMaxForward(MPSCNNKernel):
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
         x = read_window(src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + inp.channels],
                         inp.window_left, inp.window_top, region.width, region.height, inp.edge_mode, inp.stride_x, inp.stride_y)
-        _store(dest, region, softmax_nhwc(x, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
+        write_result(dest, region, softmax_nhwc(x, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
 
 
 class MPSCNNSoftMax(_SoftMaxForward):
@@ -143,7 +134,7 @@ class _SoftMaxGradient(MPSCNNGradientKernel):
                          pg.window_left, pg.window_top, region.width, region.height, pg.edge_mode, pg.stride_x, pg.stride_y, pg.bounds)
         y = read_window(sec.tensor[sg.n0:sg.n0 + region.count, :, :, sg.c0:sg.c0 + sg.channels],
                         sg.window_left, sg.window_top, region.width, region.height, sg.edge_mode, sg.stride_x, sg.stride_y, sg.bounds)
-        _store(dest, region, softmax_gradient_nhwc(dy, y, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
+        write_result(dest, region, softmax_gradient_nhwc(dy, y, self._log, out_dtype=result_dtype(dest), out=direct_out(dest, region)))
 
     def encode(  # type: ignore[override]
         self,

@@ -56,7 +56,6 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.padding import method_of
 from ..core.regions import read_window
 from ..core.structs import MPSOffset
-from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .results import direct_out, result_dtype, write_result
@@ -93,12 +92,6 @@ def integer_scale_factor(owner: str, name: str, value: Any) -> int:
         raise value_error(owner, name, value, "be an integer >= 1")
     return int(f)
 
-
-def _store(dest: MPSImage, region: Region, y: torch.Tensor) -> None:
-    """Round once to the destination dtype (so a fresh destination can adopt the tensor)."""
-    if y.dtype != dest.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
-        y = y.to(dest.dtype)
-    write_result(dest, region, y)
 
 
 class _UpsamplingGradientState(MPSNNGradientState):
@@ -195,7 +188,7 @@ class MPSCNNUpsampling(MPSCNNKernel):
         uw, uh = x.shape[2] * self._sx, x.shape[1] * self._sy
         out = direct_out(dest, region) if (left, top, region.width, region.height) == (0, 0, uw, uh) else None
         u = self._upsample(x, result_dtype(dest), out)
-        _store(dest, region, read_window(u, left, top, region.width, region.height, edge))
+        write_result(dest, region, read_window(u, left, top, region.width, region.height, edge))
 
 
 class MPSCNNUpsamplingNearest(MPSCNNUpsampling):
@@ -366,7 +359,7 @@ class MPSCNNUpsamplingGradient(MPSCNNGradientKernel):
         gu = read_window(g, left, top, uw, uh, MPSImageEdgeMode.zero, 1, 1, pg.bounds)
         whole = (region.x0, region.y0, region.width, region.height) == (0, 0, sec.width, sec.height)
         dx = self._adjoint(gu, result_dtype(dest), direct_out(dest, region) if whole else None)
-        _store(dest, region, dx[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
+        write_result(dest, region, dx[:, region.y0:region.y0 + region.height, region.x0:region.x0 + region.width, :])
 
 
 class MPSCNNUpsamplingNearestGradient(MPSCNNUpsamplingGradient):
