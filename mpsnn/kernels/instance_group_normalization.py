@@ -66,6 +66,7 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region
 from ..core.regions import read_window
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
+from .batch_normalization import FLT_MIN, MPSCNNNormalizationGammaAndBetaState
 from .results import write_result
 
 __all__ = [
@@ -81,10 +82,6 @@ __all__ = [
     "MPSCNNInstanceNormalizationGradient",
     "MPSCNNInstanceNormalizationGradientState",
 ]
-
-#: C's ``FLT_MIN``: the epsilon of a data source that does not implement ``epsilon()``.
-FLT_MIN = float(np.finfo(np.float32).tiny)
-
 
 # -- validation ------------------------------------------------------------------------------------
 
@@ -246,25 +243,6 @@ class MPSCNNGroupNormalizationDataSource(abc.ABC):
         return self
 
 
-def gamma_and_beta_state_class() -> type:
-    """``MPSCNNNormalizationGammaAndBetaState`` (normalization.md §3.5; defined with batch
-    normalization), or a minimal stand-in while that module does not provide it."""
-    from . import batch_normalization as bn
-
-    cls = getattr(bn, "MPSCNNNormalizationGammaAndBetaState", None)
-    return cls if isinstance(cls, type) else _GammaAndBetaState
-
-
-class _GammaAndBetaState(MPSState):
-    """Stand-in for ``MPSCNNNormalizationGammaAndBetaState``: ``gamma`` and ``beta`` float32
-    tensors (used, not copied)."""
-
-    def __init__(self, gamma: torch.Tensor, beta: torch.Tensor) -> None:
-        super().__init__(resources=[gamma, beta])
-        self.gamma = gamma
-        self.beta = beta
-
-
 class _ReadyMadeSource:
     """gamma/beta storage and the plain-SGD update of the ready-made data sources."""
 
@@ -343,7 +321,7 @@ class _ReadyMadeSource:
             g = torch.as_tensor(self._gamma, dtype=torch.float32).to(dg.device) - self.learning_rate * dg
             b = torch.as_tensor(self._beta, dtype=torch.float32).to(db.device) - self.learning_rate * db
         self._gamma, self._beta = g, b
-        return gamma_and_beta_state_class()(gamma=g, beta=b)
+        return MPSCNNNormalizationGammaAndBetaState(gamma=g, beta=b)
 
     def _cpu_update(self, name: str, batch: Sequence[Any]) -> bool:
         if self.learning_rate is None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import mpsnn
 from mpsnn import MPSImageEdgeMode, MPSOffset, MTLOrigin, MTLRegion, MTLSize
-from mpsnn.kernels.instance_group_normalization import FLT_MIN, gamma_and_beta_state_class
+from mpsnn.kernels.batch_normalization import FLT_MIN, MPSCNNNormalizationGammaAndBetaState
 from mpsnn.testing import reference as ref
 from mpsnn.testing import reference_instance_group_normalization as nref
 from mpsnn.testing.images import finish, image, poisoned, values
@@ -274,7 +274,7 @@ def test_reload_and_updates(device, cb) -> None:
     mpsnn.MPSCNNGroupNormalizationGradient(device).encode(cb, dy, src, st)
     g0 = ds.gamma()
     new = ds.update_gamma_and_beta_with_command_buffer(cb, [st, st])   # unique states are summed once
-    assert isinstance(new, gamma_and_beta_state_class())
+    assert isinstance(new, MPSCNNNormalizationGammaAndBetaState)
     k.reload_gamma_and_beta(cb, new)
     y1 = k.encode(cb, src)
     finish(cb)

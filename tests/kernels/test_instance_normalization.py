@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import mpsnn
 from mpsnn import MPSImage, MPSImageEdgeMode, MPSOffset, MTLOrigin, MTLRegion, MTLSize
-from mpsnn.kernels.instance_group_normalization import FLT_MIN, gamma_and_beta_state_class
+from mpsnn.kernels.batch_normalization import FLT_MIN, MPSCNNNormalizationGammaAndBetaState
 from mpsnn.testing import reference as ref
 from mpsnn.testing import reference_instance_group_normalization as nref
 from mpsnn.testing.images import finish, image, poisoned, values
@@ -403,13 +403,13 @@ def test_reload_paths(device, cb) -> None:
     assert torch.equal(old_state.gamma.cpu(), torch.from_numpy(params(4)[0]))   # the state keeps its values
     y1 = k.encode(cb, src)
     # GPU-side reload from a gamma/beta state
-    gb = gamma_and_beta_state_class()(gamma=torch.full((4,), 3.0, device=device.torch_device),
+    gb = MPSCNNNormalizationGammaAndBetaState(gamma=torch.full((4,), 3.0, device=device.torch_device),
                                       beta=torch.zeros(4, device=device.torch_device))
     k.reload_gamma_and_beta_with_command_buffer(cb, gb)
     y2 = k.encode(cb, src)
     with pytest.raises(mpsnn.MPSTypeError, match="gamma_and_beta_state"):
         k.reload_gamma_and_beta(cb, object())
-    bad = gamma_and_beta_state_class()(gamma=torch.ones(3), beta=torch.ones(3))
+    bad = MPSCNNNormalizationGammaAndBetaState(gamma=torch.ones(3), beta=torch.ones(3))
     if bad.device == device:
         with pytest.raises(mpsnn.MPSValueError, match="gamma"):
             k.reload_gamma_and_beta_with_command_buffer(cb, bad)
