@@ -1,6 +1,6 @@
 """Memory-bound kernels on CUDA through mpsnn's public API: pooling (max, average; forward and
-gradient), softmax (forward and gradient) and upsampling (nearest, bilinear; forward and
-gradient), against the device's copy bandwidth and torch eager on the same tensors.
+gradient), softmax (forward and gradient), upsampling (nearest, bilinear; forward and
+gradient) and batch normalization (inference + ReLU, statistics, gradients), against the device's copy bandwidth and torch eager on the same tensors.
 
     PYTHONPATH=. python3 bench/bench_memory_bound.py [--quick]
 
@@ -18,7 +18,14 @@ eager calls an NHWC PyTorch program makes: ``max_pool2d`` / ``avg_pool2d`` / ``s
 ``interpolate`` on channels-last tensors and their backward functions (the max-pool backward
 given the forward's indices).
 
-Targets (issue 4): every mpsnn op >= 80 % of the copy bandwidth and never slower than torch.
+Batch normalization counts one tensor read or write per pass (statistics: x; statistics
+gradient: dy, x; gradient: dy, x, dx); its torch peers are the kernels of torch's own training
+batch norm for the same passes (``batch_norm_stats``, ``batch_norm_backward_reduce``,
+``batch_norm_backward_elemt``), eval ``batch_norm`` + ``relu_`` for inference, and the whole
+training forward + backward for a layer's step.
+
+Targets: every mpsnn op >= 80 % of the copy bandwidth (issue 4; batch normalization >= 75 %,
+issue 5) and never slower than torch.
 The results are printed and, when ``$OUT`` is set, written to ``$OUT/bench_memory_bound.txt``.
 """
 from __future__ import annotations
@@ -201,10 +208,92 @@ def bench_upsampling(b: Bench, x: torch.Tensor, mode: str, g: torch.Generator) -
           dx_img.tensor, peer_b(None).permute(0, 2, 3, 1))
 
 
+def bench_batch_norm(b: Bench, shape: tuple[int, int, int, int], g: torch.Generator) -> None:
+    """Batch normalization: inference + ReLU, statistics, statistics gradient, gradient, and a
+    whole training step of one layer (statistics, normalize + ReLU... as MPS encodes it: the
+    ReLU is a separate kernel in training, so the step is statistics + normalize + statistics
+    gradient + gradient) against torch's kernels for the same passes."""
+    n, h, w, c = shape
+    x = torch.randn(*shape, device="cuda", dtype=DT, generator=g) * 2 + 0.5
+    dy = torch.randn(*shape, device="cuda", dtype=DT, generator=g)
+    xn, dyn = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    gamma = torch.rand(c, device="cuda", generator=g) + 0.5
+    beta = torch.randn(c, device="cuda", generator=g)
+    mean = torch.randn(c, device="cuda", generator=g) * 0.1 + 0.5
+    var = torch.rand(c, device="cuda", generator=g) + 3.5
+    eps = 1e-5
+    source = m.BatchNormalizationDataSource(gamma, beta, mean, var, epsilon=eps)
+    relu = m.MPSNNNeuronDescriptor.cnn_neuron_descriptor(m.MPSCNNNeuronType.reLU)
+    bn_relu = m.MPSCNNBatchNormalization(b.dev, data_source=source, fused_neuron_descriptor=relu)
+    bn = m.MPSCNNBatchNormalization(b.dev, data_source=source)
+    stats = m.MPSCNNBatchNormalizationStatistics(b.dev)
+    stats_grad = m.MPSCNNBatchNormalizationStatisticsGradient(b.dev)
+    grad = m.MPSCNNBatchNormalizationGradient(b.dev)
+    x_img, dy_img = image(b.dev, x), image(b.dev, dy)
+    y_img, dx_img = image(b.dev, None, shape), image(b.dev, None, shape)
+    nbytes = x.numel() * 2
+    label = "x".join(map(str, shape))
+
+    # inference + ReLU: one pass (read x, write y) against torch's eval batch_norm + relu_
+    def peer_inference(_cb: Any) -> torch.Tensor:
+        return F.batch_norm(xn, mean, var, gamma, beta, False, 0.0, eps).relu_()
+    b.row(f"batch norm {label} inference + ReLU", 2 * nbytes, lambda cb: bn_relu.encode(cb, x_img, y_img), peer_inference,
+          y_img.tensor, peer_inference(None).permute(0, 2, 3, 1))
+
+    # statistics: one read of x, against torch.batch_norm_stats (the statistics pass of its
+    # training batch norm); the state accumulates across the timed calls (same pass each time)
+    st_stats = bn.result_state(x_img)
+    b.row("  statistics", nbytes, lambda cb: stats.encode_batch(cb, [x_img], st_stats),
+          lambda _cb: torch.batch_norm_stats(xn, eps), st_stats.mean, x.float().mean(dim=(0, 1, 2)))
+
+    # a state with this batch's statistics and gradient sums for the gradient rows
+    st = bn.result_state(x_img)
+    b.run(lambda cb: stats.encode_batch(cb, [x_img], st))
+    b.run(lambda cb: stats_grad.encode_batch(cb, [dy_img], [x_img], st))
+    bmean, bvar = st.mean, st.variance
+    invstd = torch.rsqrt(bvar + eps)
+    sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(dyn, xn, bmean, invstd, gamma, True, False, False)
+    count = torch.full((1,), n * h * w, dtype=torch.int32, device="cuda")
+
+    b.run(lambda cb: grad.encode(cb, dy_img, x_img, st, dx_img))  # fills st.gradient_for_beta
+
+    # statistics gradient: read dy and x once (sums), against torch.batch_norm_backward_reduce
+    # (a second state accumulates across the timed calls; the check uses the first one's sums)
+    st_sg = bn.result_state(x_img)
+    b.run(lambda cb: stats.encode_batch(cb, [x_img], st_sg))
+    b.row("  statistics gradient (dgamma, dbeta)", 2 * nbytes, lambda cb: stats_grad.encode_batch(cb, [dy_img], [x_img], st_sg),
+          lambda _cb: torch.batch_norm_backward_reduce(dyn, xn, bmean, invstd, gamma, True, True, True),
+          st.gradient_for_beta, sum_dy)
+
+    # gradient: read dy and x, write dx, against torch.batch_norm_backward_elemt
+    def peer_elemt(_cb: Any) -> torch.Tensor:
+        return torch.batch_norm_backward_elemt(dyn, xn, bmean, invstd, gamma, sum_dy, sum_dy_xmu, count)
+    b.row("  gradient (dx)", 3 * nbytes, lambda cb: grad.encode(cb, dy_img, x_img, st, dx_img), peer_elemt,
+          dx_img.tensor, peer_elemt(None).permute(0, 2, 3, 1))
+
+    # one layer's training step, a fresh state each time: statistics, normalize, statistics
+    # gradient, gradient (8 passes of the tensor size) against torch's training batch_norm
+    # forward and its backward (the same 8)
+    def mine_step(cb: Any) -> None:
+        s = bn.result_state(x_img)
+        stats.encode_batch(cb, [x_img], s)
+        bn.encode(cb, x_img, s, y_img)
+        stats_grad.encode_batch(cb, [dy_img], [x_img], s)
+        grad.encode(cb, dy_img, x_img, s, dx_img)
+
+    rm, rv = mean.clone(), var.clone()
+    xl, gl, bl = xn.detach().requires_grad_(), gamma.detach().requires_grad_(), beta.detach().requires_grad_()
+
+    def peer_step(_cb: Any) -> torch.Tensor:
+        y = F.batch_norm(xl, rm, rv, gl, bl, True, 0.0, eps)
+        return torch.autograd.grad(y, (xl, gl, bl), dyn)[0]
+    b.row("  training step (4 passes)", 8 * nbytes, mine_step, peer_step, dx_img.tensor, peer_step(None).permute(0, 2, 3, 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 32, 3 samples")
-    ap.add_argument("--only", choices=["pooling", "softmax", "upsampling"], help="one family only")
+    ap.add_argument("--only", choices=["pooling", "softmax", "upsampling", "batchnorm"], help="one family only")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_memory_bound: needs a CUDA device", file=sys.stderr)
@@ -238,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("nearest", "bilinear"):
             bench_upsampling(b, x, mode, g)
             torch.cuda.empty_cache()
+    if a.only in (None, "batchnorm"):
+        bench_batch_norm(b, (n, 56, 56, 256), g)
+        torch.cuda.empty_cache()
     out("-" * len(head))
     out(f"slowest mpsnn op: {100 * b.worst_bw:.1f} % of copy bandwidth (target >= 80 %); smallest speed-up over torch "
         f"{b.worst_speedup:.2f}x (target >= 1)")

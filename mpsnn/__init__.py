@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import optimizers as _optimizers
 from .core import padding as padding  # the result-size rules as pure functions (dest_size, padding_offset, ...)
 from .core.binary_kernel import MPSCNNBinaryKernel, MPSCNNGradientKernel
 from .core.device import Device, MTLCommandBuffer, MTLCommandQueue, MTLCreateSystemDefaultDevice, default_device
@@ -50,6 +51,9 @@ from .core.structs import (
     MTLRegionMake3D,
     MTLSize,
 )
+
+# The families below list their public names in their modules' ``__all__``.
+from .images import vector as _vector
 from .images.formats import MTLPixelFormat, MTLTextureType, MTLTextureUsage
 from .images.image import (
     MPSImage,
@@ -74,19 +78,20 @@ from .images.state import (
     MPSStateResourceList,
     MTLTextureDescriptor,
 )
-
-# The families below list their public names in their modules' ``__all__``.
+from .images.vector import *  # noqa: E402,F401,F403
 from .kernels import arithmetic as _arithmetic
 from .kernels import batch_normalization as _batch_normalization
 from .kernels import dropout as _dropout
 from .kernels import instance_group_normalization as _instance_group_normalization
 from .kernels import local_normalization as _local_normalization
+from .kernels import loss as _loss
 from .kernels import pooling as _pooling
 from .kernels import reduce as _reduce
 from .kernels import resampling as _resampling
 from .kernels import reshape as _reshape
 from .kernels import softmax as _softmax
 from .kernels import upsampling as _upsampling
+from .kernels import yolo_loss as _yolo_loss
 from .kernels.arithmetic import *  # noqa: E402,F401,F403
 from .kernels.batch_normalization import *  # noqa: E402,F401,F403
 from .kernels.binary_convolution import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
@@ -110,6 +115,7 @@ from .kernels.convolution_transpose import MPSCNNConvolutionTranspose, MPSCNNCon
 from .kernels.dropout import *  # noqa: E402,F401,F403
 from .kernels.instance_group_normalization import *  # noqa: E402,F401,F403
 from .kernels.local_normalization import *  # noqa: E402,F401,F403
+from .kernels.loss import *  # noqa: E402,F401,F403
 from .kernels.neuron import (
     MPSCNNNeuron,
     MPSCNNNeuronAbsolute,
@@ -135,6 +141,8 @@ from .kernels.resampling import *  # noqa: E402,F401,F403
 from .kernels.reshape import *  # noqa: E402,F401,F403
 from .kernels.softmax import *  # noqa: E402,F401,F403
 from .kernels.upsampling import *  # noqa: E402,F401,F403
+from .kernels.yolo_loss import *  # noqa: E402,F401,F403
+from .optimizers import *  # noqa: E402,F401,F403
 
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list
@@ -249,4 +257,4 @@ __all__ = [
 ]
 __all__ += [*_arithmetic.__all__, *_batch_normalization.__all__, *_instance_group_normalization.__all__, *_local_normalization.__all__,
             *_dropout.__all__, *_pooling.__all__, *_reduce.__all__, *_resampling.__all__, *_reshape.__all__,
-            *_softmax.__all__, *_upsampling.__all__]
+            *_softmax.__all__, *_upsampling.__all__, *_loss.__all__, *_yolo_loss.__all__, *_optimizers.__all__, *_vector.__all__]

@@ -43,7 +43,8 @@ def _engine(*tensors: torch.Tensor):  # type: ignore[no-untyped-def]
 
 def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor, gamma: torch.Tensor,  # type: ignore[no-untyped-def]
                      epsilon: float, totals: tuple[torch.Tensor, torch.Tensor, int] | None, need_dx: bool,
-                     constant_statistics: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                     constant_statistics: bool, out_dtype: torch.dtype | None = None,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`batch_norm_gradient_nhwc` without a fused neuron on the Triton engine: one read of
     ``dy`` and ``x`` for the sums (dβ = Σ dy, dγ = rstd·Σ dy·(x − mean)), one more of both for
     ``dx`` (float32)."""
@@ -56,7 +57,7 @@ def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     if not need_dx:
         return None, dgamma, dbeta
     k = gamma.float() * rstd
-    dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dx = dispatch.engine_out(out, x.shape, out_dtype or torch.float32, x.device, tri.rows_view)
     if constant_statistics:
         tri.apply(dy, dx, k, torch.zeros_like(k))
     else:
@@ -65,7 +66,8 @@ def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
 
 
 def batch_norm_inference_nhwc(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                              neuron: NeuronParams | None = None) -> torch.Tensor:
+                              neuron: NeuronParams | None = None, out_dtype: torch.dtype | None = None,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = f(x*scale + shift)`` per channel.
 
     Args:
@@ -74,12 +76,14 @@ def batch_norm_inference_nhwc(x: torch.Tensor, scale: torch.Tensor, shift: torch
             ``scale = gamma/sqrt(variance + epsilon)``, ``shift = beta - mean*scale``.
         neuron: the fused neuron (PReLU slopes ``[C]``) or None.
 
-    Returns a new contiguous float32 tensor (float64 for float64 input) of ``x``'s shape.
+    Returns a new contiguous float32 tensor (float64 for float64 input) of ``x``'s shape; the
+    Triton engine (CUDA) writes ``out_dtype`` (the destination's dtype: one rounding) where
+    given, into ``out`` (the destination region) where it can.
     """
     dt = _compute_dtype(x)
     tri = _engine(x)
     if tri is not None:
-        y = torch.empty(x.shape, dtype=dt, device=x.device)
+        y = dispatch.engine_out(out, x.shape, out_dtype or dt, x.device, tri.rows_view)
         tri.apply(x, y, scale, shift, neuron)
         return y
     y = torch.addcmul(shift.to(dt), x.to(dt), scale.to(dt))
@@ -126,6 +130,8 @@ def batch_norm_gradient_nhwc(
     totals: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     need_dx: bool = True,
     constant_statistics: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Training-mode batch-norm gradient: ``(dx, dgamma, dbeta)``.
 
@@ -143,6 +149,8 @@ def batch_norm_gradient_nhwc(
         need_dx: False returns ``(None, dgamma, dbeta)`` of this call only (a reduction).
         constant_statistics: the statistics are constants (inference statistics): then
             ``dx = gamma/sigma * G``.
+        out_dtype, out: the Triton engine writes ``dx`` in ``out_dtype`` (the destination's
+            dtype), into ``out`` (the destination region) where it can.
 
     Returns float32 tensors (float64 when an input is float64): ``dx`` of ``x``'s shape,
     ``dgamma`` and ``dbeta`` ``[C]``.
@@ -150,7 +158,7 @@ def batch_norm_gradient_nhwc(
     dt = _compute_dtype(dy, x)
     tri = _engine(dy, x) if neuron is None and dy.shape == x.shape and x.numel() > 0 else None
     if tri is not None:
-        return _engine_gradient(tri, dy, x, mean, variance, gamma, epsilon, totals, need_dx, constant_statistics)
+        return _engine_gradient(tri, dy, x, mean, variance, gamma, epsilon, totals, need_dx, constant_statistics, out_dtype, out)
     xf = x.to(dt)
     inv_sigma = torch.rsqrt(variance.to(dt) + epsilon)
     xhat = (xf - mean.to(dt)) * inv_sigma

@@ -70,7 +70,7 @@ from ..core.structs import MPSOffset, MPSRectNoClip
 from ..images.image import MPSImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from .neuron import MPSNNNeuronDescriptor
-from .results import write_result
+from .results import direct_out, result_dtype, write_result
 
 __all__ = [
     "BatchNormalizationDataSource",
@@ -759,7 +759,8 @@ class MPSCNNBatchNormalization(_FusedNeuron, MPSCNNKernel):
             gamma, beta, mean, var = self._gamma, self._beta, self._mean, self._variance
         scale = gamma * torch.rsqrt(var + self._epsilon)
         shift = beta - mean * scale
-        y = backend.batch_norm_inference_nhwc(x, scale, shift, self._neuron(c, self.device))
+        y = backend.batch_norm_inference_nhwc(x, scale, shift, self._neuron(c, self.device), out_dtype=result_dtype(dest),
+                                              out=direct_out(dest, region))
         write_result(dest, region, y)
 
 
@@ -973,7 +974,8 @@ class MPSCNNBatchNormalizationGradient(_BatchNormGradientBase):
         assert dgamma is not None and dbeta is not None
         n = st._stat_count or st._grad_count
         dx, _, _ = backend.batch_norm_gradient_nhwc(dy, x, mean, var, st.gamma, eps, st.beta, self._neuron(c, self.device),
-                                                    totals=(dgamma, dbeta, n), constant_statistics=st._stat_count == 0)
+                                                    totals=(dgamma, dbeta, n), constant_statistics=st._stat_count == 0,
+                                                    out_dtype=result_dtype(dest), out=direct_out(dest, region))
         assert dx is not None
         write_result(dest, region, dx)
         st._dgamma, st._dbeta = dgamma, dbeta
