@@ -1,4 +1,650 @@
-"""loss (filled in by its family)."""
+"""Loss kernels: MPSCNNLoss (loss + gradient in one pass), MPSNNForwardLoss, MPSNNLossGradient
+and MPSNNInitialGradient (spec/loss.md §7-12). The enums, descriptors and labels live in
+:mod:`mpsnn.kernels.loss_labels` and are re-exported here. Numerics:
+:mod:`mpsnn.backends.loss` (the per-type table, label smoothing, reductions).
+
+Per element ``e`` (prediction ``y``, label ``t`` after smoothing, effective weight
+``w_e = weight * W_e`` with ``W_e`` the weights image or 1)::
+
+    gradient image   g_e = w_e * dl/dy (y_e, t_e)          -- every reduction type
+    loss, none       v_e = w_e * l(y_e, t_e)               -- per-element loss image
+    loss, sum        S = sum_R v_e          mean: S / (W H C)  (softMaxCrossEntropy: S / (W H))
+    sumByNonZeroWeights: S / #{e in R: w_e != 0}  (0 when the count is 0; counted on the device)
+    cosineDistance (sum only): weight * (1 - sum_R W_e y_e t_e)
+
+Decisions (CONFLICT readings follow the spec's recommendations; ``(inferred)`` where silent):
+
+* MPSCNNLoss's destination is ALWAYS the gradient (CONFLICT §7); losses go to
+  ``labels.loss_image()``: the reduced scalar when it is ``{1,1,1}``, else the per-element
+  ``v_e`` (then it must have the source's width, height and channels used). Reduction
+  ``none`` with a ``{1,1,1}`` loss image, and cosineDistance with a per-element one, raise
+  :class:`~mpsnn.MPSValueError`.
+* The gradient does not depend on ``reduction_type`` or ``reduce_across_batch`` (§9; Apple's
+  sample scales with ``weight = 1/batch``).
+* Hinge: ``s = 2t - 1``, loss ``max(1 - s y, 0)``, gradient ``-s`` where ``1 - s y > 0``,
+  else 0 (0 exactly at the hinge point). Huber: standard (``0.5 a^2`` / ``delta (|a| -
+  delta/2)``, gradient ``a`` / ``delta sign(a)``; at ``|a| = delta`` the gradient is exactly
+  ``a``). KL: gradient ``-t`` (not the documented ``-t/y``), ``t log t = 0`` at ``t = 0``.
+  MAE: gradient 0 at ``y = t``. softMaxCrossEntropy: gradient ``softmax(y) - t'``.
+* cosineDistance with any reduction but ``sum`` is refused at init (MPSCNNLoss,
+  MPSNNForwardLoss) with :class:`~mpsnn.MPSValueError`.
+* Coordinates (MPSCNNLoss): the region written is the clipped destination rectangle; the
+  source is read by the kernel rule (``offset``, 1x1 window, ``edge_mode``); labels,
+  weights and a per-element loss image are indexed in SOURCE coordinates (the element a
+  label belongs to) and must cover the pixels read; label channel ``c`` pairs with source
+  channel ``source_feature_channel_offset + c``. One labels object covers one image, so an
+  encode processes one image per labels object (a multi-image source needs ``clip_rect`` /
+  ``offset.z`` selecting one image, or ``encode_batch``).
+* reduceAcrossBatch (reduction != none): the batch total (and count / element count) goes
+  to entry 0's ``{1,1,1}`` loss image, every other entry's ``{1,1,1}`` loss image is set to 0;
+  per-element loss images are unaffected. Mean divides by the elements of the whole batch
+  (softMaxCrossEntropy: pixels ``W H N``).
+* sumByNonZeroWeights counts elements (pixels x channels) whose effective weight is
+  non-zero, also for softMaxCrossEntropy; without a weights image every element counts while
+  ``weight != 0``.
+* MPSNNForwardLoss / MPSNNLossGradient refuse a non-default ``offset`` / ``clip_rect``
+  (Apple: undefined results) and process whole images; their results are float32 (forward
+  loss) and the source image's format (gradient). Label gradients (``compute_label_gradients``)
+  are the analytic ``dl/dt`` times ``dt'/dt`` (module :mod:`mpsnn.backends.loss`).
+* Numerics: float32 arithmetic and reductions for every storage format; the gradient is
+  rounded once to the destination's format; loss images are float32. No host sync.
+"""
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import Any, Sequence
+
+import torch
+
+from ..backends import loss as B
+from ..core.binary_kernel import MPSCNNGradientKernel
+from ..core.device import Device, MTLCommandBuffer
+from ..core.enums import MPSImageFeatureChannelFormat
+from ..core.errors import MPSTypeError, MPSValueError, value_error
+from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
+from ..core.regions import read_window
+from ..core.structs import MPSOffset, MPSRectNoClip
+from ..images.image import MPSImage, MPSImageDescriptor
+from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
+from . import loss_labels as _labels
+from .loss_labels import (
+    MPSCNNLossDataDescriptor,
+    MPSCNNLossDescriptor,
+    MPSCNNLossLabels,
+    MPSCNNLossLabelsBatch,
+    MPSCNNLossType,
+    MPSCNNReductionType,
+    check_delta,
+    check_epsilon,
+    check_label_smoothing,
+    real_value,
+)
+from .results import write_result
+
+__all__ = [
+    *_labels.__all__,
+    "MPSCNNLoss",
+    "MPSNNForwardLoss",
+    "MPSNNInitialGradient",
+    "MPSNNLossGradient",
+]
+
+# re-exported names (kept referenced for linters)
+_REEXPORTED = (MPSCNNLossDataDescriptor, MPSCNNLossLabelsBatch)
+_T = MPSCNNLossType
+_R = MPSCNNReductionType
+
+
+def _descriptor(owner: str, d: Any) -> MPSCNNLossDescriptor:
+    if not isinstance(d, MPSCNNLossDescriptor):
+        raise MPSTypeError(f"{owner}: `loss_descriptor` must be an MPSCNNLossDescriptor, but got {type(d).__name__}")
+    return d
+
+
+def _check_cosine(owner: str, d: MPSCNNLossDescriptor) -> None:
+    if d.loss_type == _T.cosineDistance and d.reduction_type != _R.sum:
+        raise value_error(owner, "loss_descriptor.reduction_type", d.reduction_type.name, "be sum for cosineDistance (documented as valid only with sum)")
+
+
+class _LossParameters:
+    """The descriptor fields a loss kernel copies at init."""
+
+    def _take(self, d: MPSCNNLossDescriptor) -> None:
+        self._loss_type = d.loss_type
+        self._reduction_type = d.reduction_type
+        self._reduce_across_batch = d.reduce_across_batch
+        self._weight = d.weight
+        self._label_smoothing = d.label_smoothing
+        self._number_of_classes = d.number_of_classes
+        self._epsilon = d.epsilon
+        self._delta = d.delta
+
+    loss_type = property(lambda self: self._loss_type)
+    reduction_type = property(lambda self: self._reduction_type)
+    reduce_across_batch = property(lambda self: self._reduce_across_batch)
+    number_of_classes = property(lambda self: self._number_of_classes)
+
+    def _values(self, state: Any = None) -> tuple[float, float, float, float]:
+        """(weight, label_smoothing, epsilon, delta): the state's when it carries them."""
+        if isinstance(state, _LossGradientState):
+            return state.weight, state.label_smoothing, state.epsilon, state.delta
+        return self._weight, self._label_smoothing, self._epsilon, self._delta
+
+
+def _smoothed(kind: Any, t: torch.Tensor, ls: float) -> torch.Tensor:
+    return B.smooth_labels(int(kind._loss_type), t, ls, kind._number_of_classes)
+
+
+class MPSCNNLoss(_LossParameters, MPSCNNKernel):
+    """``MPSCNNLoss``: loss value and loss gradient in one pass (spec §7-9).
+
+    Args:
+        device: the device (positional, first).
+        loss_descriptor: an :class:`MPSCNNLossDescriptor`; its fields are copied.
+
+    Read-only properties (copied at init): ``loss_type``, ``reduction_type``,
+    ``reduce_across_batch``, ``weight``, ``label_smoothing``, ``number_of_classes``,
+    ``epsilon``, ``delta``; plus those of :class:`~mpsnn.MPSCNNKernel` (offset, clip_rect,
+    channel offsets, edge_mode, padding, destination_image_allocator).
+
+    Encode forms:
+
+    * ``encode(cb, source_image, labels, destination_image)``: gradient into
+      ``destination_image``, loss into ``labels.loss_image()``.
+    * ``encode(cb, source_image, labels) -> MPSImage``: the gradient image is allocated
+      (source size, channels used, the source's format; sets ``offset``).
+    * ``encode_batch(cb, source_images, labels[, destination_images])``: ``labels[k]`` pairs
+      with ``source_images[k]``; returns the gradient batch when no destinations are given.
+
+    Shape: gradient = the source's width, height and channels used. Math and every decision
+    (CONFLICT readings, coordinates, reduceAcrossBatch): module docstring. Temporary labels
+    have their ``read_count`` decremented by each encode.
+
+    Example::
+
+        d = MPSCNNLossDescriptor.cnn_loss_descriptor(MPSCNNLossType.softMaxCrossEntropy, MPSCNNReductionType.sum)
+        grad = MPSCNNLoss(device, loss_descriptor=d).encode(cb, logits, labels)
+        loss = labels.loss_image()
+    """
+
+    _result_state_class = None
+    weight = property(lambda self: self._weight)
+    label_smoothing = property(lambda self: self._label_smoothing)
+    epsilon = property(lambda self: self._epsilon)
+    delta = property(lambda self: self._delta)
+
+    def __init__(self, device: Device | str, loss_descriptor: MPSCNNLossDescriptor) -> None:
+        super().__init__(device)
+        d = _descriptor(type(self).__name__, loss_descriptor)
+        _check_cosine(type(self).__name__, d)
+        self._take(d)
+        self._pending: list[tuple[MPSCNNLossLabels, torch.Tensor, torch.Tensor, int]] = []
+
+    def encode(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_image: MPSImage, labels: MPSCNNLossLabels, destination_image: MPSImage | None = None,
+    ) -> MPSImage | None:
+        """``encode(commandBuffer:sourceImage:labels:[destinationImage:])``."""
+        out = self.encode_batch(command_buffer, [source_image], [labels], None if destination_image is None else [destination_image])
+        return None if out is None else out[0]
+
+    def encode_batch(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], labels: Sequence[MPSCNNLossLabels],
+        destination_images: Sequence[MPSImage] | None = None,
+    ) -> list[MPSImage] | None:
+        """``encodeBatch(commandBuffer:sourceImages:labels:[destinationImages:])``."""
+        cb = self._check_command_buffer(command_buffer)
+        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
+        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
+        if len(labs) != len(srcs):
+            raise value_error(self._name(), "labels", f"{len(labs)} labels", f"match the {len(srcs)} source images")
+        allocate = destination_images is None
+        if allocate:
+            dests = []
+            for k, s in enumerate(srcs):
+                if s.number_of_images != 1:
+                    raise value_error(self._name(), f"source_images[{k}].number_of_images", s.number_of_images, "be 1 in the forms that return images")
+                dests.append(self._allocator.image_for_command_buffer(cb, self.destination_image_descriptor([s]), self))
+        else:
+            dests = list(destination_images)  # type: ignore[arg-type]
+            if len(dests) != len(srcs):
+                raise value_error(self._name(), "destination_images", f"{len(dests)} images", f"match the {len(srcs)} source images")
+            for d in dests:
+                for s in srcs:
+                    self._check_no_alias(self._check_image("destination_image", d, cb), s)
+        self._pending = []
+        try:
+            for s, d, lab in zip(srcs, dests, labs):
+                self._encode_checked(cb, s, d, lab)
+            if labs:
+                with cb.encoding(self._name()):
+                    self._finish(labs)
+        finally:
+            self._pending = []
+        _consume([*srcs, *labs])
+        return dests if allocate else None
+
+    def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        labels = state
+        assert isinstance(labels, MPSCNNLossLabels)
+        if region.count != 1:
+            raise value_error(self._name(), "clip_rect.size.depth", region.count,
+                              "select one image per MPSCNNLossLabels (a labels object describes one batch image; use encode_batch for more)")
+        n, w, h = inp.channels, region.width, region.height
+        sx, sy = inp.window_left, inp.window_top
+        y = read_window(src.tensor[inp.n0:inp.n0 + 1, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
+        lab_img, wt_img = labels.labels_image(), labels.weights_image()
+        if sx < 0 or sy < 0 or sx + w > lab_img.width or sy + h > lab_img.height or n > lab_img.feature_channels:
+            raise value_error(self._name(), "labels", f"labels image {lab_img.width}x{lab_img.height}x{lab_img.feature_channels}",
+                              f"cover the source pixels read, x in [{sx}, {sx + w}), y in [{sy}, {sy + h}), and the {n} channels used")
+        t = lab_img.tensor[:, sy:sy + h, sx:sx + w, :n]
+        wt = None if wt_img is None else wt_img.tensor[:, sy:sy + h, sx:sx + w, :n]
+        size = labels.loss_image_size
+        scalar = (size.width, size.height, size.depth) == (1, 1, 1)
+        per_element = (size.width, size.height, size.depth) == (src.width, src.height, n)
+        if not scalar and not per_element:
+            raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}",
+                              f"be 1x1x1 or the source size with the channels used, {src.width}x{src.height}x{n}")
+        if self._reduction_type == _R.none and not per_element:
+            raise value_error(self._name(), "labels.loss_image_size", "1x1x1",
+                              f"be the source size {src.width}x{src.height}x{n} for reduction none (per-element losses)")
+        if self._loss_type == _T.cosineDistance and not scalar:
+            raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}", "be 1x1x1 for cosineDistance (one value per image)")
+        kind = int(self._loss_type)
+        ts = _smoothed(self, t, self._label_smoothing)
+        we = B.effective_weights(self._weight, wt)
+        write_result(dest, region, B.loss_gradient(kind, y, ts, self._epsilon, self._delta) * we)
+        lval = B.loss_elementwise(kind, y, ts, self._epsilon, self._delta)
+        if per_element:
+            labels.loss_image().tensor[:, sy:sy + h, sx:sx + w, :n].copy_(lval * we)
+        else:
+            elements = w * h * (1 if self._loss_type == _T.softMaxCrossEntropy else n)
+            self._pending.append((labels, B.sum_weighted(lval, we), B.nonzero_count(we, lval), elements))
+
+    def _finish(self, labels: list[MPSCNNLossLabels]) -> None:
+        """Write the reduced losses of the batch just encoded (spec §9)."""
+        red, kind = int(self._reduction_type), int(self._loss_type)
+        if not self._pending:
+            return
+        if self._reduce_across_batch and self._reduction_type != _R.none:
+            total = torch.stack([p[1] for p in self._pending]).sum()
+            count = torch.stack([p[2] for p in self._pending]).sum()
+            elements = sum(p[3] for p in self._pending)
+            value = B.finish_reduction(red, kind, total, count, elements, self._weight, len(self._pending))
+            for lab in labels[1:]:
+                if lab.loss_image_size == _ONE:
+                    lab.loss_image().tensor.zero_()
+            if labels[0].loss_image_size == _ONE:
+                labels[0].loss_image().tensor.copy_(value.reshape(1, 1, 1, 1))
+            return
+        for lab, total, count, elements in self._pending:
+            lab.loss_image().tensor.copy_(B.finish_reduction(red, kind, total, count, elements, self._weight).reshape(1, 1, 1, 1))
+
+
+_ONE = _labels.MTLSize(1, 1, 1)
+
+
+class _LossGradientState(MPSNNGradientState):
+    """The gradient state of :class:`MPSNNForwardLoss` (an :class:`~mpsnn.MPSNNGradientState`):
+    ``weight``, ``label_smoothing``, ``epsilon``, ``delta`` as they were when the forward
+    encode ran (spec §10); :class:`MPSNNLossGradient` uses them instead of its own."""
+
+    def __init__(self, geometry: ForwardGeometry, device: Device, command_buffer: MTLCommandBuffer | None = None) -> None:
+        super().__init__(geometry, device, command_buffer)
+        self.weight = 1.0
+        self.label_smoothing = 0.0
+        self.epsilon = 1e-7
+        self.delta = 1.0
+
+
+class _DynamicParameters(_LossParameters):
+    """weight, label_smoothing, epsilon, delta: read-write ("dynamically adjustable")."""
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = real_value(self._name(), "weight", value)  # type: ignore[attr-defined]
+
+    @property
+    def label_smoothing(self) -> float:
+        return self._label_smoothing
+
+    @label_smoothing.setter
+    def label_smoothing(self, value: float) -> None:
+        self._label_smoothing = check_label_smoothing(self._name(), value)  # type: ignore[attr-defined]
+
+    @property
+    def epsilon(self) -> float:
+        return self._epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._epsilon = check_epsilon(self._name(), value)  # type: ignore[attr-defined]
+
+    @property
+    def delta(self) -> float:
+        return self._delta
+
+    @delta.setter
+    def delta(self, value: float) -> None:
+        self._delta = check_delta(self._name(), value)  # type: ignore[attr-defined]
+
+
+def _batch_image(owner: str, kernel: Any, name: str, image: Any, cb: MTLCommandBuffer, n: int, w: int, h: int, c: int) -> MPSImage:
+    """A labels/weights image for a source of ``n`` images of ``w x h`` with ``c`` channels used."""
+    img = kernel._check_image(name, image, cb)
+    if img.number_of_images != n or img.width < w or img.height < h or img.feature_channels < c:
+        raise value_error(owner, name, f"{img.number_of_images}x{img.height}x{img.width}x{img.feature_channels} (NxHxWxC)",
+                          f"have {n} images of at least {w}x{h} pixels and {c} channels (the source's)")
+    return img
+
+
+def _list(owner: str, name: str, items: Any, n: int) -> list[Any] | None:
+    if items is None:
+        return None
+    items = list(items)
+    if len(items) != n:
+        raise value_error(owner, name, f"{len(items)} entries", f"match the {n} source images")
+    return items
+
+
+class MPSNNForwardLoss(_DynamicParameters, MPSCNNKernel):
+    """``MPSNNForwardLoss``: loss values only, with labels and weights as images (spec §10).
+
+    Args:
+        device: the device (positional, first).
+        loss_descriptor: an :class:`MPSCNNLossDescriptor` (copied).
+
+    Properties: ``loss_type``, ``reduction_type``, ``reduce_across_batch``,
+    ``number_of_classes`` (read-only); ``weight``, ``label_smoothing``, ``epsilon``, ``delta``
+    (read-write, validated like the descriptor's); ``source_feature_channel_offset`` /
+    ``_max_count`` select the channels used; ``destination_feature_channel_offset`` the
+    channel written. ``offset`` and ``clip_rect`` must stay at their defaults (Apple:
+    undefined results otherwise; mpsnn raises :class:`~mpsnn.MPSValueError`).
+
+    Encode forms:
+
+    * ``encode_batch(cb, source_images, labels, weights=None, destination_states=None,
+      destination_images=...)`` -> None.
+    * ``encode_batch(cb, source_images, labels, weights=None)`` -> the loss images;
+      with ``destination_state_is_temporary=flag`` -> ``(images, states)``.
+    * ``encode(cb, source_image, labels, weights=None, destination_state=None,
+      destination_image=None)``: the same for one entry (Python convenience).
+
+    ``labels[k]`` / ``weights[k]`` are images with ``source_images[k].number_of_images``
+    images, at least the source's width, height and channels used (labels channel ``c`` pairs
+    with source channel ``source_feature_channel_offset + c``). Results (float32): one value
+    per image (``1x1x1``) for a reduction, the per-element ``w_e l_e`` (source size) for
+    ``none``; reduceAcrossBatch puts the batch total in image 0 of entry 0 and 0 elsewhere.
+    States (from ``result_state_batch`` / ``temporary_result_state_batch``) record the
+    dynamic values for :class:`MPSNNLossGradient`. Math: module docstring.
+    """
+
+    _result_state_class = _LossGradientState
+
+    def __init__(self, device: Device | str, loss_descriptor: MPSCNNLossDescriptor) -> None:
+        super().__init__(device)
+        d = _descriptor(type(self).__name__, loss_descriptor)
+        _check_cosine(type(self).__name__, d)
+        self._take(d)
+
+    def _make_state(self, source: MPSImage, dest: MPSImage | None, command_buffer: MTLCommandBuffer | None) -> MPSState | None:
+        st = _LossGradientState(self._geometry(source, dest), self.device, command_buffer)
+        self._fill_state(st)
+        return st
+
+    def _fill_state(self, st: _LossGradientState) -> None:
+        st.weight, st.label_smoothing, st.epsilon, st.delta = self._weight, self._label_smoothing, self._epsilon, self._delta
+
+    def destination_image_descriptor(self, source_images: Sequence[MPSImage], source_states: Sequence[MPSState] | None = None) -> MPSImageDescriptor:
+        """float32; ``1x1x1`` per image for a reduction, the source size (channels used) for none."""
+        if isinstance(source_images, MPSImage):
+            source_images = [source_images]
+        src = source_images[0]
+        nin = self.source_channels_used(src)
+        if self._reduction_type == _R.none:
+            return MPSImageDescriptor(channel_format=MPSImageFeatureChannelFormat.float32, width=src.width, height=src.height,
+                                      feature_channels=nin, number_of_images=src.number_of_images)
+        return MPSImageDescriptor(channel_format=MPSImageFeatureChannelFormat.float32, number_of_images=src.number_of_images)
+
+    def encode(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_image: MPSImage, labels: MPSImage, weights: MPSImage | None = None,
+        destination_state: MPSState | None = None, destination_image: MPSImage | None = None,
+    ) -> MPSImage | None:
+        """One-entry form of :meth:`encode_batch` (Python convenience)."""
+        out = self.encode_batch(command_buffer, [source_image], [labels], None if weights is None else [weights],
+                                None if destination_state is None else [destination_state],
+                                None if destination_image is None else [destination_image])
+        return None if out is None else out[0]
+
+    def encode_batch(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], labels: Sequence[MPSImage],
+        weights: Sequence[MPSImage] | None = None, destination_states: Sequence[MPSState] | None = None,
+        destination_images: Sequence[MPSImage] | None = None, *, destination_state_is_temporary: bool | None = None,
+    ) -> Any:
+        """``encodeBatch(commandBuffer:sourceImages:labels:weights:destinationStates:[destinationImages:|destinationStateIsTemporary:])``."""
+        owner = self._name()
+        cb = self._check_command_buffer(command_buffer)
+        if self._offset != MPSOffset(0, 0, 0) or self._clip_rect != MPSRectNoClip:
+            raise value_error(owner, "offset/clip_rect", f"{self._offset}/{self._clip_rect}", "keep their defaults (Apple: other values give undefined results)")
+        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
+        n = len(srcs)
+        labs, wts = _list(owner, "labels", labels, n), _list(owner, "weights", weights, n)
+        if labs is None:
+            raise MPSTypeError(f"{owner}: `labels` are required")
+        states = _list(owner, "destination_states", destination_states, n)
+        for k, st in enumerate(states or []):
+            self._check_state(f"destination_states[{k}]", st, cb, _LossGradientState)
+        allocate = destination_images is None
+        if not allocate and destination_state_is_temporary is not None:
+            raise MPSValueError(f"{owner}: `destination_state_is_temporary` goes with the forms that return the result, not with `destination_images`")
+        dests = _list(owner, "destination_images", destination_images, n)
+        if allocate:
+            dests = [self._allocator.image_for_command_buffer(cb, self.destination_image_descriptor([s]), self) for s in srcs]
+            if destination_state_is_temporary is not None:
+                states = [self._make_state(s, d, cb if destination_state_is_temporary else None) for s, d in zip(srcs, dests)]  # type: ignore[misc]
+        assert dests is not None
+        totals: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
+        outs: list[tuple[MPSImage, int]] = []
+        red, kind = int(self._reduction_type), int(self._loss_type)
+        for k, s in enumerate(srcs):
+            nin = self.source_channels_used(s)
+            d = self._check_image(f"destination_images[{k}]", dests[k], cb)
+            for other in srcs:
+                self._check_no_alias(d, other)
+            shape_ok = (d.width, d.height) == ((s.width, s.height) if red == B.R_NONE else (1, 1))
+            need = nin if red == B.R_NONE else 1
+            if not shape_ok or d.number_of_images != s.number_of_images or d.feature_channels < self._dst_c_off + need:
+                raise value_error(owner, f"destination_images[{k}]", f"{d.number_of_images}x{d.height}x{d.width}x{d.feature_channels} (NxHxWxC)",
+                                  f"be {s.number_of_images}x{d.height if not shape_ok else (s.height if red == B.R_NONE else 1)}x"
+                                  f"{s.width if red == B.R_NONE else 1} with >= destination_feature_channel_offset + {need} channels")
+            lab = _batch_image(owner, self, f"labels[{k}]", labs[k], cb, s.number_of_images, s.width, s.height, nin)
+            wt = None if wts is None or wts[k] is None else _batch_image(owner, self, f"weights[{k}]", wts[k], cb, s.number_of_images, s.width, s.height, nin)
+            with cb.encoding(owner):
+                y = s.tensor[..., self._src_c_off:self._src_c_off + nin]
+                t = _smoothed(self, lab.tensor[:, :s.height, :s.width, :nin], self._label_smoothing)
+                we = B.effective_weights(self._weight, None if wt is None else wt.tensor[:, :s.height, :s.width, :nin])
+                lval = B.loss_elementwise(kind, y, t, self._epsilon, self._delta)
+                if red == B.R_NONE:
+                    write_result(d, Region(0, s.number_of_images, 0, 0, s.width, s.height, self._dst_c_off, nin), lval * we)
+                else:
+                    totals.append(B.sum_weighted(lval, we))
+                    counts.append(B.nonzero_count(we, lval))
+                    outs.append((d, s.width * s.height * (1 if self._loss_type == _T.softMaxCrossEntropy else nin)))
+            if states:
+                self._fill_state(states[k])
+                states[k].geometry = self._geometry(s, d)
+        if red != B.R_NONE and srcs:
+            with cb.encoding(owner):
+                if self._reduce_across_batch:
+                    # the batch total goes to image 0 of entry 0; every other image gets 0
+                    elements = sum(per_image * tt.shape[0] for (_, per_image), tt in zip(outs, totals))
+                    images = sum(tt.shape[0] for tt in totals)
+                    value = B.finish_reduction(red, kind, torch.cat(totals).sum(), torch.cat(counts).sum(), elements, self._weight, images)
+                    for d, _ in outs:
+                        d.tensor[:, 0, 0, self._dst_c_off].zero_()
+                    outs[0][0].tensor[0, 0, 0, self._dst_c_off].copy_(value)
+                else:
+                    for (d, per_image), tt, cc in zip(outs, totals, counts):
+                        d.tensor[:, 0, 0, self._dst_c_off].copy_(B.finish_reduction(red, kind, tt, cc, per_image, self._weight))
+        _consume([*srcs, *labs, *(wts or [])])
+        if not allocate:
+            return None
+        return (dests, states) if destination_state_is_temporary is not None else dests
+
+
+
+class MPSNNLossGradient(_DynamicParameters, MPSCNNGradientKernel):
+    """``MPSNNLossGradient``: gradient of :class:`MPSNNForwardLoss` (spec §11); an
+    :class:`~mpsnn.MPSCNNGradientKernel` (primary = incoming gradient, secondary = the
+    forward source, i.e. the predictions).
+
+    Args:
+        device: the device (positional, first).
+        loss_descriptor: an :class:`MPSCNNLossDescriptor` (copied; ``reduction_type`` is
+            ignored by the arithmetic, as Apple documents).
+
+    Properties: as :class:`MPSNNForwardLoss`, plus ``compute_label_gradients`` (bool, default
+    False): False -> ``dL/dy``, True -> ``dL/dt`` (the labels; analytic ``dl/dt`` of the
+    backend table times ``dt'/dt`` of label smoothing -- undocumented by Apple, inferred).
+    ``secondary_source_feature_channel_offset`` / ``_max_count`` select the channels used,
+    ``primary_source_feature_channel_offset`` the incoming gradient's first channel,
+    ``destination_feature_channel_offset`` the result's. Offsets and ``clip_rect`` must stay
+    at their defaults (:class:`~mpsnn.MPSValueError` otherwise).
+
+    Encode forms:
+
+    * ``encode_batch(cb, source_gradients, source_images, labels, weights=None,
+      source_states=None[, destination_gradients])`` -> the gradients (or None).
+    * ``encode(cb, source_gradient, source_image, labels, weights=None, source_state=None,
+      destination_gradient=None)``: one entry (Python convenience).
+
+    Math: ``out_e = sg * w_e * dl/dy(y_e, t'_e)`` where ``sg`` is the incoming gradient at
+    the position ``e`` was reduced into: the element itself when the incoming gradient has
+    the source's width and height (reduction none), else its single value per image
+    (``1x1``); with ``reduce_across_batch`` and a ``1x1`` incoming gradient, the value of image
+    0 of entry 0 (where MPSNNForwardLoss put the batch total) serves every entry. No factor
+    from the reduction (mean / count) enters (spec §9, inferred). softMaxCrossEntropy uses
+    ``sg w (softmax - t')`` per element, the exact chain rule only where ``sg w`` is constant
+    over a pixel's channels and the labels sum to 1 (inferred, as MPSCNNLoss). ``source_states`` (from the
+    forward encode) supply ``weight``, ``label_smoothing``, ``epsilon``, ``delta``; without
+    them the kernel's own values are used. Result: the source's width, height and channels
+    used, in the source's format.
+    """
+
+    def __init__(self, device: Device | str, loss_descriptor: MPSCNNLossDescriptor) -> None:
+        super().__init__(device)
+        self._take(_descriptor(type(self).__name__, loss_descriptor))
+        self._compute_label_gradients = False
+
+    @property
+    def compute_label_gradients(self) -> bool:
+        return self._compute_label_gradients
+
+    @compute_label_gradients.setter
+    def compute_label_gradients(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise value_error(self._name(), "compute_label_gradients", value, "be a bool")
+        self._compute_label_gradients = value
+
+    def encode(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_gradient: MPSImage, source_image: MPSImage, labels: MPSImage,
+        weights: MPSImage | None = None, source_state: MPSState | None = None, destination_gradient: MPSImage | None = None,
+    ) -> MPSImage | None:
+        """One-entry form of :meth:`encode_batch` (Python convenience)."""
+        out = self.encode_batch(command_buffer, [source_gradient], [source_image], [labels], None if weights is None else [weights],
+                                None if source_state is None else [source_state],
+                                None if destination_gradient is None else [destination_gradient])
+        return None if out is None else out[0]
+
+    def encode_batch(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_gradients: Sequence[MPSImage], source_images: Sequence[MPSImage],
+        labels: Sequence[MPSImage], weights: Sequence[MPSImage] | None = None, source_states: Sequence[MPSState] | None = None,
+        destination_gradients: Sequence[MPSImage] | None = None,
+    ) -> list[MPSImage] | None:
+        """``encodeBatch(commandBuffer:sourceGradients:sourceImages:labels:weights:sourceStates:[destinationGradients:])``."""
+        owner = self._name()
+        cb = self._check_command_buffer(command_buffer)
+        if self._p_offset != MPSOffset(0, 0, 0) or self._s_offset != MPSOffset(0, 0, 0) or self._clip_rect != MPSRectNoClip:
+            raise value_error(owner, "primary_offset/secondary_offset/clip_rect", f"{self._p_offset}/{self._s_offset}/{self._clip_rect}",
+                              "keep their defaults (whole images are processed)")
+        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
+        n = len(srcs)
+        sgs = _list(owner, "source_gradients", source_gradients, n) or []
+        sgs = [self._check_image(f"source_gradients[{k}]", g, cb) for k, g in enumerate(sgs)]
+        labs, wts = _list(owner, "labels", labels, n), _list(owner, "weights", weights, n)
+        if labs is None:
+            raise MPSTypeError(f"{owner}: `labels` are required")
+        sts = _list(owner, "source_states", source_states, n)
+        for k, st in enumerate(sts or []):
+            self._check_state(f"source_states[{k}]", st, cb, _LossGradientState)
+        allocate = destination_gradients is None
+        dests = _list(owner, "destination_gradients", destination_gradients, n)
+        nins = [self._channels_used(s, self._s_c_off, self._s_c_max, "secondary") for s in srcs]
+        if allocate:
+            dests = [self._allocator.image_for_command_buffer(
+                cb, MPSImageDescriptor._trusted(s.feature_channel_format, s.width, s.height, nin, s.number_of_images), self)
+                for s, nin in zip(srcs, nins)]
+        assert dests is not None
+        # the incoming gradient: per element (source-sized) or one value per image (1x1)
+        per_element = []
+        for k, (g, s) in enumerate(zip(sgs, srcs)):
+            elementwise = (g.width, g.height) == (s.width, s.height) and g.feature_channels - self._p_c_off >= nins[k]
+            if g.number_of_images != s.number_of_images or not (elementwise or ((g.width, g.height) == (1, 1) and g.feature_channels > self._p_c_off)):
+                raise value_error(owner, f"source_gradients[{k}]", f"{g.number_of_images}x{g.height}x{g.width}x{g.feature_channels} (NxHxWxC)",
+                                  f"have {s.number_of_images} images of the source's size {s.width}x{s.height} with >= {self._p_c_off + nins[k]} channels "
+                                  f"(reduction none), or of 1x1 with > primary_source_feature_channel_offset={self._p_c_off} channels")
+            per_element.append(elementwise)
+        kind = int(self._loss_type)
+        sg0 = None
+        if self._reduce_across_batch and n and not per_element[0]:
+            sg0 = sgs[0].tensor[0:1, 0:1, 0:1, self._p_c_off:self._p_c_off + 1]
+        for k, s in enumerate(srcs):
+            nin = nins[k]
+            d = self._check_image(f"destination_gradients[{k}]", dests[k], cb)
+            for other in [*srcs, *sgs]:
+                self._check_no_alias(d, other)
+            if (d.number_of_images, d.width, d.height) != (s.number_of_images, s.width, s.height) or d.feature_channels < self._dst_c_off + nin:
+                raise value_error(owner, f"destination_gradients[{k}]", f"{d.number_of_images}x{d.height}x{d.width}x{d.feature_channels} (NxHxWxC)",
+                                  f"be {s.number_of_images}x{s.height}x{s.width} with >= destination_feature_channel_offset + {nin} channels")
+            lab = _batch_image(owner, self, f"labels[{k}]", labs[k], cb, s.number_of_images, s.width, s.height, nin)
+            wt = None if wts is None or wts[k] is None else _batch_image(owner, self, f"weights[{k}]", wts[k], cb, s.number_of_images, s.width, s.height, nin)
+            weight, ls, eps, delta = self._values(sts[k] if sts else None)
+            with cb.encoding(owner):
+                y = s.tensor[..., self._s_c_off:self._s_c_off + nin]
+                t = _smoothed(self, lab.tensor[:, :s.height, :s.width, :nin], ls)
+                we = B.effective_weights(weight, None if wt is None else wt.tensor[:, :s.height, :s.width, :nin])
+                g = sgs[k].tensor
+                sg = g[..., self._p_c_off:self._p_c_off + nin] if per_element[k] else (sg0 if sg0 is not None else g[:, 0:1, 0:1, self._p_c_off:self._p_c_off + 1])
+                if self._compute_label_gradients:
+                    core = B.loss_label_gradient(kind, y, t, eps, delta) * B.smoothing_factor(kind, ls)
+                else:
+                    core = B.loss_gradient(kind, y, t, eps, delta)
+                write_result(d, Region(0, s.number_of_images, 0, 0, s.width, s.height, self._dst_c_off, nin), core * we * sg.float())
+        _consume([*sgs, *srcs, *labs, *(wts or []), *(sts or [])])
+        return dests if allocate else None
+
+
+class MPSNNInitialGradient(MPSCNNKernel):
+    """``MPSNNInitialGradient``: the seed of a backward pass (spec §12): an image of ones, the
+    gradient of an image with respect to itself.
+
+    Args:
+        device: the device (positional, first). No other parameters.
+
+    Encode forms: those of :class:`~mpsnn.MPSCNNKernel` (``encode(cb, source_image[,
+    destination_image])``, ``encode_batch``). The result has the source's size (channels
+    used) and format; every element of the region written is 1.0 (the source's values are
+    not read). No result state.
+    """
+
+    _result_state_class = None
+
+    def __init__(self, device: Device | str) -> None:
+        super().__init__(device)
+
+    def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        shape = (region.count, region.height, region.width, region.channels)
+        write_result(dest, region, torch.ones(shape, dtype=torch.float32, device=dest.device.torch_device))
