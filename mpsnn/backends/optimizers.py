@@ -1,0 +1,137 @@
+"""Optimizer numerics (spec/optimizers.md §5-8) as pure multi-tensor functions.
+
+Every function takes LISTS of tensors (one entry per parameter updated by one encode call:
+weights and biases, gamma and beta, or a single vector/matrix) so that a fused engine (one
+kernel launch for all of an encode's operands) can replace it without touching the API file.
+All operands of one list entry have the same shape; tensors are updated in place through
+``torch._foreach_*`` ops; nothing synchronises the host with the device (Adam's bias
+correction comes from a device step tensor). The arithmetic runs in the operands' dtype
+(float32 for the optimizers; the functions are dtype-generic, which the float64 tests use).
+
+``results[i]`` may be ``values[i]`` (in-place update); otherwise ``values[i]`` is copied into
+``results[i]`` after pre-processing and the update is applied to ``results[i]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["Preprocess", "adam_step", "preprocess", "rmsprop_step", "sgd_step"]
+
+Tensors = Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Gradient pre-processing (§5): ``clamp -> rescale -> + regularisation``.
+
+    ``regularization``: 0 none, 1 L1 (``+ scale*sign(v)``, sign(0) = 0), 2 L2 (``+ scale*v``).
+    """
+
+    clip: bool = False
+    clip_min: float = float("-inf")
+    clip_max: float = float("inf")
+    rescale: float = 1.0
+    regularization: int = 0
+    regularization_scale: float = 0.0
+
+
+def preprocess(values: Tensors, gradients: Tensors, pre: Preprocess) -> list[torch.Tensor]:
+    """New tensors ``g3`` (the inputs are not modified)."""
+    if pre.clip:
+        g = list(torch._foreach_clamp_min(list(gradients), pre.clip_min))
+        torch._foreach_clamp_max_(g, pre.clip_max)
+        if pre.rescale != 1.0:
+            torch._foreach_mul_(g, pre.rescale)
+    else:
+        g = list(torch._foreach_mul(list(gradients), pre.rescale))
+    if pre.regularization == 1:
+        torch._foreach_add_(g, torch._foreach_sign(list(values)), alpha=pre.regularization_scale)
+    elif pre.regularization == 2:
+        torch._foreach_add_(g, list(values), alpha=pre.regularization_scale)
+    return g
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _start_results(values: Tensors, results: Tensors) -> list[torch.Tensor]:
+    """Copy each value into its result unless they are the same storage; return the results."""
+    out = list(results)
+    for v, r in zip(values, out):
+        if not _same(v, r):
+            r.copy_(v)
+    return out
+
+
+def sgd_step(values: Tensors, gradients: Tensors, momenta: Tensors | None, results: Tensors, *,
+             lr: float, momentum: float, nesterov: bool, pre: Preprocess) -> None:
+    """SGD (§6). ``momenta`` None: ``v -= lr*g``. Classic: ``m = mu*m + lr*g; v -= m``.
+    Nesterov: ``m = mu*m + g; v -= lr*(g + mu*m)``."""
+    if not values:
+        return
+    g = preprocess(values, gradients, pre)
+    r = _start_results(values, results)
+    if momenta is None:
+        torch._foreach_add_(r, g, alpha=-lr)
+        return
+    m = list(momenta)
+    torch._foreach_mul_(m, momentum)
+    if nesterov:
+        torch._foreach_add_(m, g)
+        torch._foreach_add_(g, m, alpha=momentum)
+        torch._foreach_add_(r, g, alpha=-lr)
+    else:
+        torch._foreach_add_(m, g, alpha=lr)
+        torch._foreach_sub_(r, m)
+
+
+def rmsprop_step(values: Tensors, gradients: Tensors, sum_of_squares: Tensors, results: Tensors, *,
+                 lr: float, decay: float, eps: float, pre: Preprocess) -> None:
+    """RMSProp (§7): ``s = decay*s + (1-decay)*g^2; v -= lr*g/(sqrt(s) + eps)``."""
+    if not values:
+        return
+    g = preprocess(values, gradients, pre)
+    r = _start_results(values, results)
+    s = list(sum_of_squares)
+    torch._foreach_mul_(s, decay)
+    torch._foreach_addcmul_(s, g, g, value=1.0 - decay)
+    denom = torch._foreach_sqrt(s)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(r, g, denom, value=-lr)
+
+
+def adam_step(values: Tensors, gradients: Tensors, m: Tensors, v: Tensors, vmax: Tensors | None, results: Tensors, *,
+              lr: float, beta1: float, beta2: float, eps: float, step_tensor: torch.Tensor, pre: Preprocess) -> None:
+    """Adam / AMSGrad (§8). ``step_tensor`` (0-d, on the operands' device) holds the step
+    count BEFORE this update; it is advanced by one here, on the device, and
+    ``lr_t = lr*sqrt(1 - beta2^t)/(1 - beta1^t)`` is computed from it::
+
+        m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2 ;  [vmax = max(vmax, v)]
+        value -= lr_t * m / (sqrt(v or vmax) + eps)
+    """
+    step_tensor.add_(1)
+    if not values:
+        return
+    t = step_tensor.to(values[0].dtype)
+    lr_t = torch.sqrt(1.0 - torch.pow(beta2, t)) / (1.0 - torch.pow(beta1, t)) * lr
+    g = preprocess(values, gradients, pre)
+    r = _start_results(values, results)
+    mm, vv = list(m), list(v)
+    torch._foreach_mul_(mm, beta1)
+    torch._foreach_add_(mm, g, alpha=1.0 - beta1)
+    torch._foreach_mul_(vv, beta2)
+    torch._foreach_addcmul_(vv, g, g, value=1.0 - beta2)
+    if vmax is not None:
+        xx = list(vmax)
+        torch._foreach_maximum_(xx, vv)
+        denom = torch._foreach_sqrt(xx)
+    else:
+        denom = torch._foreach_sqrt(vv)
+    torch._foreach_add_(denom, eps)
+    upd = torch._foreach_div(mm, denom)
+    torch._foreach_mul_(upd, lr_t)
+    torch._foreach_sub_(r, upd)
