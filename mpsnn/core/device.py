@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
@@ -149,6 +149,16 @@ class MTLCommandQueue:
         return f"MTLCommandQueue({self.device!r})"
 
 
+#: command buffers holding deferred work (MTLCommandBuffer.defer), in the order it was queued
+_DEFERRED: list["MTLCommandBuffer"] = []
+
+
+def flush_deferred() -> None:
+    """Launch the deferred work of every command buffer (see :meth:`MTLCommandBuffer.defer`)."""
+    while _DEFERRED:
+        _DEFERRED[0].flush_deferred()
+
+
 class MTLCommandBuffer:
     """A command buffer (``MTLCommandBuffer``): an ordered list of encoded work.
 
@@ -171,6 +181,8 @@ class MTLCommandBuffer:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        #: deferred items: (key, items, launch, read storages, written storages), see defer()
+        self._deferred: tuple[Hashable, list[Any], Callable[[list[Any]], None], set[int], set[int]] | None = None
         self.stream: Any = torch.cuda.current_stream(self.device.torch_device) if self.device.is_cuda else None
         self._stream_id = None if self.stream is None else self.stream.stream_id
 
@@ -195,13 +207,54 @@ class MTLCommandBuffer:
 
     @contextmanager
     def encoding(self, owner: str) -> Iterator[None]:
-        """Context in which a kernel enqueues its work (selects the command buffer's stream)."""
+        """Context in which a kernel enqueues its work (selects the command buffer's stream).
+        Deferred work queued before (:meth:`defer`, on any command buffer) is launched first."""
         self.check_encodable(owner)
+        if _DEFERRED:
+            flush_deferred()
+        with self._on_stream():
+            yield
+
+    @contextmanager
+    def _on_stream(self) -> Iterator[None]:
         if self.stream is not None and _current_stream_id(self.device.torch_device) != self._stream_id:
             with torch.cuda.stream(self.stream):
                 yield
         else:  # CPU, or the command buffer's stream is already current: nothing to switch
             yield
+
+    # -- deferred work ------------------------------------------------------------------------
+    def defer(self, owner: str, key: Hashable, item: Any, launch: Callable[[list[Any]], None],
+              reads: set[int], writes: set[int]) -> None:
+        """Queue ``item`` so that it is launched together with the items queued after it under
+        the same ``key``: ``launch(items)`` runs, on this command buffer's stream, before any
+        other work is encoded on any command buffer, at :meth:`commit`, or as soon as an item
+        of another key (or of another command buffer) is queued or the new item touches
+        storage a queued one writes (``reads``/``writes``: the items' storage addresses).
+        Encode order is kept for every tensor: multi-tensor updates (the optimizers) use it to
+        run many small encodes as one launch."""
+        self.check_encodable(owner)
+        group = self._deferred
+        if group is not None and (group[0] != key or writes & (group[3] | group[4]) or reads & group[4]):
+            self.flush_deferred()
+            group = None
+        if group is None:
+            flush_deferred()                      # another command buffer's queue goes first
+            group = self._deferred = (key, [], launch, set(), set())
+            _DEFERRED.append(self)
+        group[1].append(item)
+        group[3].update(reads)
+        group[4].update(writes)
+
+    def flush_deferred(self) -> None:
+        """Launch this command buffer's deferred items now (see :meth:`defer`)."""
+        group = self._deferred
+        if group is None:
+            return
+        self._deferred = None
+        _DEFERRED.remove(self)
+        with self._on_stream():
+            group[2](group[1])
 
     # -- temporary storage pool ---------------------------------------------------------------
     def _take_storage(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -232,6 +285,7 @@ class MTLCommandBuffer:
             raise MPSStateError(
                 f"MTLCommandBuffer: `commit` may be called once, but the status is already {self._status.name}"
             )
+        self.flush_deferred()
         self._status = MTLCommandBufferStatus.committed
         for fn in self._scheduled_handlers:
             self._call(fn)

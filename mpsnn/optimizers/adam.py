@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..backends import optimizers as backend
-from ..core.device import Device
+from ..core.device import Device, MTLCommandBuffer, flush_deferred
 from ..core.errors import MPSValueError, value_error
 from .base import MPSNNOptimizer, Update
 from .descriptor import MPSNNOptimizerDescriptor, f32, f64
@@ -99,19 +99,26 @@ class MPSNNOptimizerAdam(MPSNNOptimizer):
         new._step_tensors, new._stale = {}, set()
         return new
 
-    def _apply(self, update: Update) -> None:
+    def _encode_update(self, cb: MTLCommandBuffer, update: Update) -> None:
         m, v, x = update.roles["momentum"], update.roles["velocity"], update.roles["maximum_velocity"]
         if (m is None) != (v is None) or (x is not None and m is None):
             raise MPSValueError(f"{self._name()}: `input_momentum_vectors` and `input_velocity_vectors` must both be given or both be "
                                 "nil, and `maximum_velocity_vectors` needs both")
+        if self._stale:
+            flush_deferred()          # queued updates read the step count before it is re-seeded
         step = self.time_step_tensor()
         if m is None or v is None:
-            step.add_(1)
-            backend.sgd_step(update.values, update.gradients, None, update.results, lr=self._learning_rate, momentum=0.0,
-                             nesterov=False, pre=self._preprocess())
+            def plain() -> None:
+                step.add_(1)
+                backend.sgd_step(update.values, update.gradients, None, update.results, lr=self._learning_rate, momentum=0.0,
+                                 nesterov=False, pre=self._preprocess())
+            with cb.encoding(self._name()):
+                plain()
         else:
-            backend.adam_step(update.values, update.gradients, m, v, x, update.results, lr=self._learning_rate, beta1=self._beta1,
-                              beta2=self._beta2, eps=self._epsilon, step_tensor=step, pre=self._preprocess())
+            self._run(cb, update, "adam" if x is None else "amsgrad", [m, v, x], lambda: backend.adam_step(
+                update.values, update.gradients, m, v, x, update.results, lr=self._learning_rate, beta1=self._beta1,
+                beta2=self._beta2, eps=self._epsilon, step_tensor=step, pre=self._preprocess()),
+                a=self._beta1, b=self._beta2, eps=self._epsilon, step=step)
         self._time_step += 1
 
     def __repr__(self) -> str:

@@ -41,12 +41,15 @@ Decisions where the spec is silent (all ``(inferred)``):
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..backends import dispatch
 from ..backends.optimizers import Preprocess
 from ..core.device import Device, MTLCommandBuffer
 from ..core.errors import MPSDeviceError, MPSStateError, MPSTypeError, MPSValueError, value_error
@@ -77,6 +80,21 @@ class Update:
     results: list[torch.Tensor] = field(default_factory=list)
     #: role -> one tensor per parameter, or None when the operand (array) was nil
     roles: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
+
+
+def _launch(tri: Any, kind: str, clip: bool, regularization: int, items: list[list[Any]]) -> None:
+    """Launch the queued encodes (each a list of engine entries) as one multi-tensor update;
+    each Adam encode's entries get the step offset of that encode among its optimizer's."""
+    seen: dict[int, int] = {}
+    flat = []
+    for entries in items:
+        step = entries[0].step
+        if step is not None:
+            k = seen[step.data_ptr()] = seen.get(step.data_ptr(), 0) + 1
+            for e in entries:
+                e.offset = k
+        flat.extend(entries)
+    tri.launch(kind, flat, clip, regularization)
 
 
 class MPSNNOptimizer(MPSKernel):
@@ -185,11 +203,43 @@ class MPSNNOptimizer(MPSKernel):
         cb = self._check_command_buffer(command_buffer)
         kind = self._match(keywords)
         update = self._resolve(kind, keywords, cb)
-        with cb.encoding(self._name()):
-            self._apply(update)
+        self._encode_update(cb, update)
 
-    def _apply(self, update: Update) -> None:  # pragma: no cover - every subclass overrides
+    def _encode_update(self, cb: MTLCommandBuffer, update: Update) -> None:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
+
+    def _run(self, cb: MTLCommandBuffer, update: Update, kind: str, states: Sequence[list[torch.Tensor] | None],
+             fallback: Callable[[], None], *, a: float = 0.0, b: float = 0.0, eps: float = 0.0,
+             step: torch.Tensor | None = None) -> None:
+        """Run one encode's update: on CUDA with the Triton engine it is queued on the command
+        buffer (:meth:`~mpsnn.MTLCommandBuffer.defer`) and launched with the optimizer updates
+        encoded after it as ONE multi-tensor kernel (``mpsnn.backends.triton.optimizers``);
+        otherwise ``fallback`` (the torch path) runs now. ``states``: the per-parameter lists of
+        the optimizer-state operands the ``kind`` uses, in the engine's order."""
+        tri = self._engine(update, states)
+        if tri is None:
+            with cb.encoding(self._name()):
+                fallback()
+            return
+        pre = self._preprocess()
+        entries = []
+        for i, (v, g, r) in enumerate(zip(update.values, update.gradients, update.results)):
+            ops = [None if st is None else st[i] for st in states] + [None] * (3 - len(states))
+            entries.append(tri.Entry(v, g, r, ops[0], ops[1], ops[2], step, self._learning_rate, a, b, eps, 0,
+                                     pre.clip_min if pre.clip else -math.inf, pre.clip_max if pre.clip else math.inf,
+                                     pre.rescale, pre.regularization_scale))
+        reads = {t.untyped_storage().data_ptr() for t in (*update.values, *update.gradients)}
+        writes = {t.untyped_storage().data_ptr() for t in update.results}
+        writes.update(t.untyped_storage().data_ptr() for st in states if st is not None for t in st)
+        cb.defer(self._name(), ("optimizer", kind, pre.clip, pre.regularization), entries,
+                 functools.partial(_launch, tri, kind, pre.clip, pre.regularization), reads, writes)
+
+    def _engine(self, update: Update, states: Sequence[list[torch.Tensor] | None]) -> Any:
+        if not update.values:
+            return None
+        tensors = [*update.values, *update.gradients, *update.results, *(t for st in states if st is not None for t in st)]
+        tri = dispatch.triton_engine("optimizers", *tensors)
+        return tri if tri is not None and all(tri.usable(t) for t in tensors) else None
 
     # -- operand resolution -----------------------------------------------------------------------
     def _tensor(self, name: str, obj: Any, kind: str) -> torch.Tensor:

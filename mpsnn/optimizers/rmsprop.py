@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..backends import optimizers as backend
-from ..core.device import Device
+from ..core.device import Device, MTLCommandBuffer
 from .base import MPSNNOptimizer, Update
 from .descriptor import MPSNNOptimizerDescriptor, f32, f64
 
@@ -40,14 +40,16 @@ class MPSNNOptimizerRMSProp(MPSNNOptimizer):
     decay = property(lambda self: self._decay)
     epsilon = property(lambda self: self._epsilon)
 
-    def _apply(self, update: Update) -> None:
+    def _encode_update(self, cb: MTLCommandBuffer, update: Update) -> None:
         s = update.roles["sum_of_squares"]
         if s is None:
-            backend.sgd_step(update.values, update.gradients, None, update.results, lr=self._learning_rate, momentum=0.0,
-                             nesterov=False, pre=self._preprocess())
+            self._run(cb, update, "sgd", [], lambda: backend.sgd_step(
+                update.values, update.gradients, None, update.results, lr=self._learning_rate, momentum=0.0, nesterov=False,
+                pre=self._preprocess()))
             return
-        backend.rmsprop_step(update.values, update.gradients, s, update.results, lr=self._learning_rate, decay=self._decay,
-                             eps=self._epsilon, pre=self._preprocess())
+        self._run(cb, update, "rmsprop", [s], lambda: backend.rmsprop_step(
+            update.values, update.gradients, s, update.results, lr=self._learning_rate, decay=self._decay, eps=self._epsilon,
+            pre=self._preprocess()), a=self._decay, eps=self._epsilon)
 
     def __repr__(self) -> str:
         return f"MPSNNOptimizerRMSProp(learning_rate={self._learning_rate}, decay={self._decay}, epsilon={self._epsilon})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import optimizers as backend
-from ..core.device import Device
+from ..core.device import Device, MTLCommandBuffer
 from ..core.errors import MPSTypeError
 from .base import MPSNNOptimizer, Update
 from .descriptor import MPSNNOptimizerDescriptor, f32
@@ -58,9 +58,12 @@ class MPSNNOptimizerStochasticGradientDescent(MPSNNOptimizer):
     use_nestrov_momentum = property(lambda self: self._use_nestrov_momentum)
     use_nesterov_momentum = use_nestrov_momentum
 
-    def _apply(self, update: Update) -> None:
-        backend.sgd_step(update.values, update.gradients, update.roles["momentum"], update.results, lr=self._learning_rate,
-                         momentum=self._momentum_scale, nesterov=self._use_nestrov_momentum, pre=self._preprocess())
+    def _encode_update(self, cb: MTLCommandBuffer, update: Update) -> None:
+        m = update.roles["momentum"]
+        kind = "sgd" if m is None else "nesterov" if self._use_nestrov_momentum else "momentum"
+        self._run(cb, update, kind, [m], lambda: backend.sgd_step(
+            update.values, update.gradients, m, update.results, lr=self._learning_rate, momentum=self._momentum_scale,
+            nesterov=self._use_nestrov_momentum, pre=self._preprocess()), a=self._momentum_scale)
 
     def __repr__(self) -> str:
         return (f"MPSNNOptimizerStochasticGradientDescent(learning_rate={self._learning_rate}, momentum_scale={self._momentum_scale}, "

@@ -1,5 +1,5 @@
-"""pytest plugin: run the Triton engines of batch normalization, pooling, softmax and
-upsampling on CPU tensors through Triton's interpreter, so that the public kernels' engine paths (and the families'
+"""pytest plugin: run the Triton engines of batch normalization, the optimizers, pooling,
+softmax and upsampling on CPU tensors through Triton's interpreter, so that the public kernels' engine paths (and the families'
 tests written for them) run on a machine without a GPU.
 
     pip install triton          # the interpreter needs the package, not a GPU
@@ -21,7 +21,7 @@ from mpsnn.backends import dispatch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_ENGINES = {"batch_norm", "pooling", "softmax", "upsampling"}
+_ENGINES = {"batch_norm", "optimizers", "pooling", "softmax", "upsampling"}
 
 
 def _engine(name: str, *tensors: torch.Tensor):  # type: ignore[no-untyped-def]

@@ -174,25 +174,29 @@ def test_plain_tensors_and_numpy_in_place(device) -> None:
     np.testing.assert_array_equal(host(g), g_np)          # the gradient operand is not modified
 
 
-def test_clip_then_rescale_order_exact() -> None:
+def test_clip_then_rescale_order_exact(device) -> None:
     """clip bounds apply BEFORE rescaling: g=10 -> clamp to 1 -> *0.5 = 0.5; L2 term unclipped."""
     desc = MPSNNOptimizerDescriptor(1.0, 0.5, apply_gradient_clipping=True, gradient_clip_max=1.0, gradient_clip_min=-1.0,
                                     regularization_type=R_.L2, regularization_scale=4.0)
-    opt = MPSNNOptimizerStochasticGradientDescent("cpu", optimizer_descriptor=desc)
-    v = torch.tensor([2.0, -1.0, 0.0])
-    g = torch.tensor([10.0, -10.0, 0.5])
-    cb = mpsnn.Device("cpu").make_command_queue().make_command_buffer()
+    opt = MPSNNOptimizerStochasticGradientDescent(device, optimizer_descriptor=desc)
+    v = torch.tensor([2.0, -1.0, 0.0], device=device.torch_device)
+    g = torch.tensor([10.0, -10.0, 0.5], device=device.torch_device)
+    cb = device.make_command_queue().make_command_buffer()
     opt.encode(cb, input_gradient_vector=g, input_values_vector=v, result_values_vector=v)
+    cb.commit()
+    cb.wait_until_completed()
     # g3 = 0.5*clamp(g) + 4*v = [0.5+8, -0.5-4, 0.25]
     assert v.tolist() == [2.0 - 8.5, -1.0 + 4.5, -0.25]
 
 
-def test_l1_uses_sign_with_zero() -> None:
-    opt = MPSNNOptimizerStochasticGradientDescent("cpu", optimizer_descriptor=MPSNNOptimizerDescriptor(
+def test_l1_uses_sign_with_zero(device) -> None:
+    opt = MPSNNOptimizerStochasticGradientDescent(device, optimizer_descriptor=MPSNNOptimizerDescriptor(
         1.0, 1.0, regularization_type=R_.L1, regularization_scale=0.5))
-    v = torch.tensor([3.0, 0.0, -2.0])
-    cb = mpsnn.Device("cpu").make_command_queue().make_command_buffer()
-    opt.encode(cb, input_gradient_vector=torch.zeros(3), input_values_vector=v, result_values_vector=v)
+    v = torch.tensor([3.0, 0.0, -2.0], device=device.torch_device)
+    cb = device.make_command_queue().make_command_buffer()
+    opt.encode(cb, input_gradient_vector=torch.zeros(3, device=device.torch_device), input_values_vector=v, result_values_vector=v)
+    cb.commit()
+    cb.wait_until_completed()
     assert v.tolist() == [2.5, 0.0, -1.5]
 
 

@@ -129,21 +129,27 @@ def apply(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.
         num_warps=8, enable_fp_fusion=False)
 
 
+#: tuning of :func:`_band_sums`: widest channel block, tile elements, programs per SM,
+#: largest unrolled tile count per program, warps
+SUMS_CONFIG = {"bc": 64, "tile": 4096, "per_sm": 4, "iters": 64, "warps": 4}
+
+
 def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
     """``[2, C]`` float32: (S1, S2) of :func:`_sums_kernel`, summed over the bands."""
+    cfg = SUMS_CONFIG
     tensors = (x,) if g is None else (x, g)
     m, c, strides = _rows(*tensors)
-    br, bc = min(64, triton.next_power_of_2(max(m, 1))), min(triton.next_power_of_2(max(c, 1)), 64)
-    br = max(1, min(br, 4096 // bc))
+    bc = min(triton.next_power_of_2(max(c, 1)), cfg["bc"])
+    br = max(1, min(64, triton.next_power_of_2(max(m, 1)), cfg["tile"] // bc))
     col_blocks = triton.cdiv(c, bc)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    bands = max(1, min(triton.cdiv(m, br), (4 * sms + col_blocks - 1) // col_blocks))
-    # tiles per band: a power of two (few compiled variants), at most 64 (unrolled loop)
-    iters = min(64, triton.next_power_of_2(triton.cdiv(m, bands * br)))
+    bands = max(1, min(triton.cdiv(m, br), (cfg["per_sm"] * sms + col_blocks - 1) // col_blocks))
+    # tiles per band: a power of two (few compiled variants), at most cfg["iters"] (unrolled loop)
+    iters = min(cfg["iters"], triton.next_power_of_2(triton.cdiv(m, bands * br)))
     bands = max(1, triton.cdiv(m, iters * br))
     part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
     _sums_kernel[(col_blocks, bands)](x, g if g is not None else x, k, part, m, c, strides[0], strides[-1],
-                                      ITERS=iters, GRAD=g is not None, BR=br, BC=bc, num_warps=4)
+                                      ITERS=iters, GRAD=g is not None, BR=br, BC=bc, num_warps=cfg["warps"])
     return part.sum(0)
 
 
