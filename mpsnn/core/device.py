@@ -235,7 +235,8 @@ class MTLCommandBuffer:
         run many small encodes as one launch."""
         self.check_encodable(owner)
         group = self._deferred
-        if group is not None and (group[0] != key or writes & (group[3] | group[4]) or reads & group[4]):
+        if group is not None and (group[0] != key or not writes.isdisjoint(group[3]) or not writes.isdisjoint(group[4])
+                                  or not reads.isdisjoint(group[4])):
             self.flush_deferred()
             group = None
         if group is None:

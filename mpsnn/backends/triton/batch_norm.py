@@ -131,7 +131,7 @@ def apply(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.
 
 #: tuning of :func:`_band_sums`: widest channel block, tile elements, programs per SM,
 #: largest unrolled tile count per program, warps
-SUMS_CONFIG = {"bc": 64, "tile": 4096, "per_sm": 4, "iters": 64, "warps": 4}
+SUMS_CONFIG = {"bc": 64, "tile": 4096, "per_sm": 8, "iters": 8, "warps": 4}
 
 
 def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:

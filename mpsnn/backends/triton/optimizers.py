@@ -39,8 +39,9 @@ from .neuron import available, tl, triton
 
 __all__ = ["BLOCK", "Entry", "KINDS", "available", "launch"]
 
-#: elements per program
+#: elements per program, warps per program
 BLOCK = 4096
+WARPS = 4
 #: KIND codes of :func:`_update_kernel`
 KINDS = {"sgd": 0, "momentum": 1, "nesterov": 2, "rmsprop": 3, "adam": 4, "amsgrad": 5}
 
@@ -53,19 +54,25 @@ _NP = 8
 if triton is not None:
 
     @triton.jit
+    def _operand(row, j: tl.constexpr):
+        """Operand ``j`` of a pointer-table row: every operand is 16-byte aligned (checked by
+        :func:`usable`), so the loads vectorise."""
+        return tl.multiple_of(tl.load(row + j), 16).to(tl.pointer_type(tl.float32))
+
+    @triton.jit
     def _update_kernel(ptr_tab, f_tab, blk_tab, KIND: tl.constexpr, CLIP: tl.constexpr, REG: tl.constexpr,
                        BLOCK_: tl.constexpr):
         pid = tl.program_id(0)
         e = tl.load(blk_tab + 2 * pid).to(tl.int64)
-        start = tl.load(blk_tab + 2 * pid + 1).to(tl.int64)
+        start = tl.multiple_of(tl.load(blk_tab + 2 * pid + 1), BLOCK_)
         row = ptr_tab + e * 8
         fr = f_tab + e * 12
         n = tl.load(row + 7)
         offs = start + tl.arange(0, BLOCK_)
         mask = offs < n
-        vp = tl.load(row + 0).to(tl.pointer_type(tl.float32))
-        gp = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-        rp = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        vp = _operand(row, 0)
+        gp = _operand(row, 1)
+        rp = _operand(row, 2)
         lr = tl.load(fr + 0)
         v = tl.load(vp + offs, mask=mask, other=0.0)
         g = tl.load(gp + offs, mask=mask, other=0.0)
@@ -80,7 +87,7 @@ if triton is not None:
         if KIND == 0:
             r = v - lr * g
         else:
-            s1p = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+            s1p = _operand(row, 3)
             s1 = tl.load(s1p + offs, mask=mask, other=0.0)
             a = tl.load(fr + 1)
             if KIND == 1:
@@ -95,14 +102,18 @@ if triton is not None:
             else:
                 b = tl.load(fr + 2)
                 stp = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-                t = tl.load(stp) + tl.load(fr + 4)
-                lr_t = lr * tl.sqrt(1.0 - tl.exp2(t * tl.load(fr + 10))) / (1.0 - tl.exp2(t * tl.load(fr + 9)))
-                s2p = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+                # bias corrections in float64: 1 - beta^t cancels (beta2 = 0.999 at t = 1 keeps
+                # three digits), so float32 exp2's last-bit error would show in lr_t
+                t = (tl.load(stp) + tl.load(fr + 4)).to(tl.float64)
+                c2 = 1.0 - tl.exp2(t * tl.load(fr + 10).to(tl.float64))
+                c1 = 1.0 - tl.exp2(t * tl.load(fr + 9).to(tl.float64))
+                lr_t = (lr.to(tl.float64) * tl.sqrt(c2) / c1).to(tl.float32)
+                s2p = _operand(row, 4)
                 s2 = tl.load(s2p + offs, mask=mask, other=0.0)
                 s1 = a * s1 + (1.0 - a) * g
                 s2 = b * s2 + (1.0 - b) * (g * g)
                 if KIND == 5:
-                    s3p = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+                    s3p = _operand(row, 5)
                     s3 = tl.maximum(tl.load(s3p + offs, mask=mask, other=0.0), s2)
                     tl.store(s3p + offs, s3, mask=mask)
                     den = tl.sqrt(s3) + tl.load(fr + 3)
@@ -145,9 +156,9 @@ class Entry:
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Can the engine address ``t`` (a contiguous float32 tensor; the dispatcher checks the
-    device)?"""
-    return t.dtype == torch.float32 and t.is_contiguous()
+    """Can the engine address ``t`` (a contiguous, 16-byte aligned float32 tensor; the
+    dispatcher checks the device)?"""
+    return t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
 def _log2(x: float) -> float:
@@ -204,6 +215,6 @@ def launch(kind: str, entries: Sequence[Entry], clip: bool, regularization: int)
             _cache.pop(next(iter(_cache)))
         tabs = _cache[key] = _tables(entries, device)
     ptr_t, f_t, blk_t, step_t, count_t, nprog, nsteps, _host = tabs
-    _update_kernel[(nprog,)](ptr_t, f_t, blk_t, KIND=KINDS[kind], CLIP=clip, REG=regularization, BLOCK_=BLOCK, num_warps=4)
+    _update_kernel[(nprog,)](ptr_t, f_t, blk_t, KIND=KINDS[kind], CLIP=clip, REG=regularization, BLOCK_=BLOCK, num_warps=WARPS)
     if kind in ("adam", "amsgrad") and nsteps:
         _bump_kernel[(nsteps,)](step_t, count_t)
