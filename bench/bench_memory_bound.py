@@ -240,15 +240,14 @@ def bench_batch_norm(b: Bench, shape: tuple[int, int, int, int], g: torch.Genera
     b.row(f"batch norm {label} inference + ReLU", 2 * nbytes, lambda cb: bn_relu.encode(cb, x_img, y_img), peer_inference,
           y_img.tensor, peer_inference(None).permute(0, 2, 3, 1))
 
-    # statistics: one read of x, against torch.batch_norm_stats (the statistics pass of its
-    # training batch norm); the state accumulates across the timed calls (same pass each time)
-    st_stats = bn.result_state(x_img)
-    b.row("  statistics", nbytes, lambda cb: stats.encode_batch(cb, [x_img], st_stats),
-          lambda _cb: torch.batch_norm_stats(xn, eps), st_stats.mean, x.float().mean(dim=(0, 1, 2)))
-
     # a state with this batch's statistics and gradient sums for the gradient rows
     st = bn.result_state(x_img)
     b.run(lambda cb: stats.encode_batch(cb, [x_img], st))
+
+    # statistics: one read of x into a fresh state (as every training step makes one), against
+    # torch.batch_norm_stats (the statistics pass of its training batch norm)
+    b.row("  statistics", nbytes, lambda cb: stats.encode_batch(cb, [x_img], bn.result_state(x_img)),
+          lambda _cb: torch.batch_norm_stats(xn, eps), st.mean, x.float().mean(dim=(0, 1, 2)))
     b.run(lambda cb: stats_grad.encode_batch(cb, [dy_img], [x_img], st))
     bmean, bvar = st.mean, st.variance
     invstd = torch.rsqrt(bvar + eps)

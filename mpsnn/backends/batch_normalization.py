@@ -48,14 +48,15 @@ def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     """:func:`batch_norm_gradient_nhwc` without a fused neuron on the Triton engine: one read of
     ``dy`` and ``x`` for the sums (dβ = Σ dy, dγ = rstd·Σ dy·(x − mean)), one more of both for
     ``dx`` (float32)."""
-    mean, rstd = mean.float(), torch.rsqrt(variance.float() + epsilon)
+    mean = mean.float()
     if totals is None:
-        s1, s2 = tri.gradient_sums(dy, x, mean)
-        dgamma, dbeta, n = rstd * s2, s1, x.numel() // x.shape[-1]
+        dgamma, dbeta = tri.gradient_totals(dy, x, mean, variance, epsilon)
+        n = x.numel() // x.shape[-1]
     else:
         dgamma, dbeta, n = totals[0].float(), totals[1].float(), totals[2]
     if not need_dx:
         return None, dgamma, dbeta
+    rstd = torch.rsqrt(variance.float() + epsilon)
     k = gamma.float() * rstd
     dx = dispatch.engine_out(out, x.shape, out_dtype or torch.float32, x.device, tri.rows_view)
     if constant_statistics:

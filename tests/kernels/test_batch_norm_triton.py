@@ -91,6 +91,9 @@ def test_training_gradient_against_autograd(shape: tuple[int, ...], dtype: torch
     close(dx, xd.grad, dtype, 4.0)
     close(s1, bd.grad, torch.float32, 10.0)
     close(rstd * s2, gd.grad, torch.float32, 10.0)
+    dgamma, dbeta = tb.gradient_totals(dy, x, mean, var, eps)      # the finished form, one more launch
+    close(dbeta, bd.grad, torch.float32, 10.0)
+    close(dgamma, gd.grad, torch.float32, 10.0)
 
 
 def test_channel_windows() -> None:

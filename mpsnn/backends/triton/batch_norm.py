@@ -11,7 +11,9 @@ halves of the training gradient. float32 arithmetic in registers.
   partial sums ``[bands, 2, C]`` are added in a fixed order (no atomics: the same bits every
   run). One read.
 * :func:`gradient_sums` — ``Σ dy`` and ``Σ dy·(x − mean)`` per channel, the same way: one read
-  of each input (the statistics gradient: ``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``).
+  of each input; :func:`gradient_totals` finishes them into the statistics gradient
+  (``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``) in the same small launch that adds the bands
+  (as :func:`statistics` finishes the mean and variance).
 * :func:`gradient_data` — ``dx = a[c]·(dy − b[c] − (x − mean[c])·d[c])`` elementwise (the data
   gradient from those sums). Two reads, one write.
 """
@@ -24,7 +26,7 @@ from . import neuron as _neuron
 from .neuron import available, tl, triton
 from .softmax import rows_view
 
-__all__ = ["apply", "available", "gradient_data", "gradient_sums", "rows_view", "statistics"]
+__all__ = ["apply", "available", "gradient_data", "gradient_sums", "gradient_totals", "rows_view", "statistics"]
 
 if triton is not None:
     _forward_math = _neuron._forward_math
@@ -81,6 +83,29 @@ if triton is not None:
         tl.store(base + C + c, tl.sum(s2, axis=0), mask=cm)
 
     @triton.jit
+    def _finish_kernel(part_ptr, k_ptr, out1_ptr, out2_ptr, C, bands, m, eps, GRAD: tl.constexpr, BB: tl.constexpr,
+                       BC: tl.constexpr):
+        """Sum the bands' ``(S1, S2)`` of channels ``program_id(0)·BC + [0, BC)`` in a fixed
+        order and finish: statistics ``mean = k + S1/m``, ``var = max(S2 − S1²/m, 0)/m``;
+        gradient ``dγ = rsqrt(var + eps)·S2`` (``k_ptr`` = the variance), ``dβ = S1``."""
+        c = tl.program_id(0) * BC + tl.arange(0, BC)
+        cm = c < C
+        b = tl.arange(0, BB)
+        mask = (b[:, None] < bands) & cm[None, :]
+        base = part_ptr + b[:, None].to(tl.int64) * 2 * C + c[None, :]
+        s1 = tl.sum(tl.load(base, mask=mask, other=0.0), axis=0)
+        s2 = tl.sum(tl.load(base + C, mask=mask, other=0.0), axis=0)
+        kv = tl.load(k_ptr + c, mask=cm, other=0.0)
+        if GRAD:
+            o1 = s2 / tl.sqrt(kv + eps)
+            o2 = s1
+        else:
+            o1 = kv + s1 / m
+            o2 = tl.maximum(s2 - s1 * s1 / m, 0.0) / m
+        tl.store(out1_ptr + c, o1, mask=cm)
+        tl.store(out2_ptr + c, o2, mask=cm)
+
+    @triton.jit
     def _data_gradient_kernel(g_ptr, x_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, M, C, gs, xs, os,
                               BR: tl.constexpr, BC: tl.constexpr):
         r, c, m, cm = _tile(M, C, BR, BC)
@@ -134,8 +159,15 @@ def apply(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.
 SUMS_CONFIG = {"bc": 64, "tile": 4096, "per_sm": 8, "iters": 8, "warps": 4}
 
 
-def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
-    """``[2, C]`` float32: (S1, S2) of :func:`_sums_kernel`, summed over the bands."""
+#: most bands :func:`_finish` adds in one tile (more: torch adds them)
+_FINISH_BANDS = 4096
+
+
+def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor, finish: torch.Tensor | None = None,
+               eps: float = 0.0) -> torch.Tensor:
+    """``[2, C]`` float32: (S1, S2) of :func:`_sums_kernel`, summed over the bands; with
+    ``finish`` (the statistics' shift ``k`` or, for the gradient, the variance) the finished
+    pair of :func:`_finish_kernel` instead: (mean, variance) or (dγ, dβ)."""
     cfg = SUMS_CONFIG
     tensors = (x,) if g is None else (x, g)
     m, c, strides = _rows(*tensors)
@@ -150,22 +182,40 @@ def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor) -> torc
     part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
     _sums_kernel[(col_blocks, bands)](x, g if g is not None else x, k, part, m, c, strides[0], strides[-1],
                                       ITERS=iters, GRAD=g is not None, BR=br, BC=bc, num_warps=cfg["warps"])
-    return part.sum(0)
+    if finish is None or bands > _FINISH_BANDS:
+        return part.sum(0) if finish is None else _finish_torch(part.sum(0), finish, m, eps, g is not None)
+    out = torch.empty((2, c), dtype=torch.float32, device=x.device)
+    bb = triton.next_power_of_2(bands)
+    fc = max(1, min(64, 8192 // bb, triton.next_power_of_2(c)))
+    _finish_kernel[(triton.cdiv(c, fc),)](part, finish, out[0], out[1], c, bands, float(m), float(eps), GRAD=g is not None,
+                                          BB=bb, BC=fc, num_warps=4)
+    return out
+
+
+def _finish_torch(s: torch.Tensor, kv: torch.Tensor, m: int, eps: float, grad: bool) -> torch.Tensor:
+    if grad:
+        return torch.stack([s[1] * torch.rsqrt(kv + eps), s[0]])
+    return torch.stack([kv + s[0] / m, (s[1] - s[0] * s[0] / m).clamp_(min=0.0) / m])
 
 
 def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, biased variance)`` of ``x``'s pixels, float32 ``[C]``."""
-    m, c, _ = _rows(x)
     k = x[0, 0, 0].float().contiguous()     # the first pixel: a value near every channel's mean
-    s = _band_sums(x, None, k)
-    mean = k + s[0] / m
-    var = (s[1] - s[0] * s[0] / m).clamp_(min=0.0) / m
-    return mean, var
+    s = _band_sums(x, None, k, finish=k)
+    return s[0], s[1]
 
 
 def gradient_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel ``(Σ g, Σ g·(x − mean))`` over all pixels, float32 ``[C]``."""
     s = _band_sums(x, g, _vec(mean, x))
+    return s[0], s[1]
+
+
+def gradient_totals(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``(dγ, dβ) = (rsqrt(variance + eps)·Σ g·(x − mean), Σ g)``, float32 ``[C]``:
+    the statistics gradient in one pass over ``g`` and ``x`` and one small finishing launch."""
+    s = _band_sums(x, g, _vec(mean, x), finish=_vec(variance, x), eps=eps)
     return s[0], s[1]
 
 

@@ -40,7 +40,7 @@ from .neuron import available, tl, triton
 __all__ = ["BLOCK", "Entry", "KINDS", "available", "launch"]
 
 #: elements per program, warps per program
-BLOCK = 4096
+BLOCK = 1024
 WARPS = 4
 #: KIND codes of :func:`_update_kernel`
 KINDS = {"sgd": 0, "momentum": 1, "nesterov": 2, "rmsprop": 3, "adam": 4, "amsgrad": 5}
