@@ -51,7 +51,7 @@ Decisions (CONFLICT readings follow the spec's recommendations; ``(inferred)`` w
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -134,7 +134,123 @@ def _smoothed(kind: Any, t: torch.Tensor, ls: float) -> torch.Tensor:
     return B.smooth_labels(int(kind._loss_type), t, ls, kind._number_of_classes)
 
 
-class MPSCNNLoss(_LossParameters, MPSCNNKernel):
+class _Labelled(NamedTuple):
+    """One region's loss inputs (see :meth:`_LabelledLossKernel._read_labelled`)."""
+
+    labels: MPSCNNLossLabels
+    y: torch.Tensor                 # predictions [1, h, w, n]
+    t: torch.Tensor                 # labels
+    wt: torch.Tensor | None         # per-element weights, or None
+    loss_view: torch.Tensor | None  # the per-element loss image region, None for a scalar loss image
+    scalar: bool                    # the loss image is 1x1x1
+    n: int
+    w: int
+    h: int
+
+
+class _LabelledLossKernel(MPSCNNKernel):
+    """What :class:`MPSCNNLoss` and :class:`~mpsnn.MPSCNNYOLOLoss` share: the four encode forms
+    with an :class:`MPSCNNLossLabels` per source image, the reading of a region's predictions,
+    labels and weights with the loss-image size rules, and the write of a batch total.
+    Subclasses implement ``_encode_region`` (calling :meth:`_read_labelled`) and ``_finish``
+    (the reduced losses of the batch, from ``self._pending``); ``_check_source`` may refuse
+    a source before anything is encoded."""
+
+    _result_state_class = None
+    _reduction_type: MPSCNNReductionType
+
+    def encode(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_image: MPSImage, labels: MPSCNNLossLabels, destination_image: MPSImage | None = None,
+    ) -> MPSImage | None:
+        """``encode(commandBuffer:sourceImage:labels:[destinationImage:])``."""
+        out = self.encode_batch(command_buffer, [source_image], [labels], None if destination_image is None else [destination_image])
+        return None if out is None else out[0]
+
+    def encode_batch(  # type: ignore[override]
+        self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], labels: Sequence[MPSCNNLossLabels],
+        destination_images: Sequence[MPSImage] | None = None,
+    ) -> list[MPSImage] | None:
+        """``encodeBatch(commandBuffer:sourceImages:labels:[destinationImages:])``."""
+        cb = self._check_command_buffer(command_buffer)
+        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
+        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
+        if len(labs) != len(srcs):
+            raise value_error(self._name(), "labels", f"{len(labs)} labels", f"match the {len(srcs)} source images")
+        for k, s in enumerate(srcs):
+            self._check_source(f"source_images[{k}]", s)
+        allocate = destination_images is None
+        if allocate:
+            dests = []
+            for k, s in enumerate(srcs):
+                if s.number_of_images != 1:
+                    raise value_error(self._name(), f"source_images[{k}].number_of_images", s.number_of_images, "be 1 in the forms that return images")
+                dests.append(self._allocator.image_for_command_buffer(cb, self.destination_image_descriptor([s]), self))
+        else:
+            dests = list(destination_images)  # type: ignore[arg-type]
+            if len(dests) != len(srcs):
+                raise value_error(self._name(), "destination_images", f"{len(dests)} images", f"match the {len(srcs)} source images")
+            for d in dests:
+                for s in srcs:
+                    self._check_no_alias(self._check_image("destination_image", d, cb), s)
+        self._pending: list[Any] = []
+        try:
+            for s, d, lab in zip(srcs, dests, labs):
+                self._encode_checked(cb, s, d, lab)
+            if labs:
+                with cb.encoding(self._name()):
+                    self._finish(labs)
+        finally:
+            self._pending = []
+        _consume([*srcs, *labs])
+        return dests if allocate else None
+
+    def _check_source(self, name: str, src: MPSImage) -> None:
+        """Refuse a source image before any encode (nothing to check here)."""
+
+    def _finish(self, labels: list[MPSCNNLossLabels]) -> None:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def _read_labelled(self, src: MPSImage, inp: InputGeometry, region: Region, state: MPSState | None) -> _Labelled:
+        """The region's predictions, labels and weights (labels and weights indexed in source
+        coordinates) and which loss image the labels carry, after the size rules."""
+        labels = state
+        assert isinstance(labels, MPSCNNLossLabels)
+        owner = self._name()
+        if region.count != 1:
+            raise value_error(owner, "clip_rect.size.depth", region.count,
+                              "select one image per MPSCNNLossLabels (a labels object describes one batch image; use encode_batch for more)")
+        n, w, h = inp.channels, region.width, region.height
+        sx, sy = inp.window_left, inp.window_top
+        y = read_window(src.tensor[inp.n0:inp.n0 + 1, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
+        lab_img, wt_img = labels.labels_image(), labels.weights_image()
+        if sx < 0 or sy < 0 or sx + w > lab_img.width or sy + h > lab_img.height or n > lab_img.feature_channels:
+            raise value_error(owner, "labels", f"labels image {lab_img.width}x{lab_img.height}x{lab_img.feature_channels}",
+                              f"cover the source pixels read, x in [{sx}, {sx + w}), y in [{sy}, {sy + h}), and the {n} channels used")
+        t = lab_img.tensor[:, sy:sy + h, sx:sx + w, :n]
+        wt = None if wt_img is None else wt_img.tensor[:, sy:sy + h, sx:sx + w, :n]
+        size = labels.loss_image_size
+        scalar = (size.width, size.height, size.depth) == (1, 1, 1)
+        per_element = (size.width, size.height, size.depth) == (src.width, src.height, n)
+        if not scalar and not per_element:
+            raise value_error(owner, "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}",
+                              f"be 1x1x1 or the source size with the channels used, {src.width}x{src.height}x{n}")
+        if self._reduction_type == _R.none and not per_element:
+            raise value_error(owner, "labels.loss_image_size", "1x1x1",
+                              f"be the source size {src.width}x{src.height}x{n} for reduction none (per-element losses)")
+        loss_view = labels.loss_image().tensor[:, sy:sy + h, sx:sx + w, :n] if per_element else None
+        return _Labelled(labels, y, t, wt, loss_view, scalar, n, w, h)
+
+    @staticmethod
+    def _write_batch_total(labels: list[MPSCNNLossLabels], value: torch.Tensor) -> None:
+        """reduceAcrossBatch: the total into entry 0's scalar loss image, 0 into the others'."""
+        for lab in labels[1:]:
+            if lab.loss_image_size == _ONE:
+                lab.loss_image().tensor.zero_()
+        if labels[0].loss_image_size == _ONE:
+            labels[0].loss_image().tensor.copy_(value.reshape(1, 1, 1, 1))
+
+
+class MPSCNNLoss(_LossParameters, _LabelledLossKernel):
     """``MPSCNNLoss``: loss value and loss gradient in one pass (spec §7-9).
 
     Args:
@@ -166,7 +282,6 @@ class MPSCNNLoss(_LossParameters, MPSCNNKernel):
         loss = labels.loss_image()
     """
 
-    _result_state_class = None
     weight = property(lambda self: self._weight)
     label_smoothing = property(lambda self: self._label_smoothing)
     epsilon = property(lambda self: self._epsilon)
@@ -179,85 +294,21 @@ class MPSCNNLoss(_LossParameters, MPSCNNKernel):
         self._take(d)
         self._pending: list[tuple[MPSCNNLossLabels, torch.Tensor, torch.Tensor, int]] = []
 
-    def encode(  # type: ignore[override]
-        self, command_buffer: MTLCommandBuffer, source_image: MPSImage, labels: MPSCNNLossLabels, destination_image: MPSImage | None = None,
-    ) -> MPSImage | None:
-        """``encode(commandBuffer:sourceImage:labels:[destinationImage:])``."""
-        out = self.encode_batch(command_buffer, [source_image], [labels], None if destination_image is None else [destination_image])
-        return None if out is None else out[0]
-
-    def encode_batch(  # type: ignore[override]
-        self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], labels: Sequence[MPSCNNLossLabels],
-        destination_images: Sequence[MPSImage] | None = None,
-    ) -> list[MPSImage] | None:
-        """``encodeBatch(commandBuffer:sourceImages:labels:[destinationImages:])``."""
-        cb = self._check_command_buffer(command_buffer)
-        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
-        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
-        if len(labs) != len(srcs):
-            raise value_error(self._name(), "labels", f"{len(labs)} labels", f"match the {len(srcs)} source images")
-        allocate = destination_images is None
-        if allocate:
-            dests = []
-            for k, s in enumerate(srcs):
-                if s.number_of_images != 1:
-                    raise value_error(self._name(), f"source_images[{k}].number_of_images", s.number_of_images, "be 1 in the forms that return images")
-                dests.append(self._allocator.image_for_command_buffer(cb, self.destination_image_descriptor([s]), self))
-        else:
-            dests = list(destination_images)  # type: ignore[arg-type]
-            if len(dests) != len(srcs):
-                raise value_error(self._name(), "destination_images", f"{len(dests)} images", f"match the {len(srcs)} source images")
-            for d in dests:
-                for s in srcs:
-                    self._check_no_alias(self._check_image("destination_image", d, cb), s)
-        self._pending = []
-        try:
-            for s, d, lab in zip(srcs, dests, labs):
-                self._encode_checked(cb, s, d, lab)
-            if labs:
-                with cb.encoding(self._name()):
-                    self._finish(labs)
-        finally:
-            self._pending = []
-        _consume([*srcs, *labs])
-        return dests if allocate else None
-
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
-        labels = state
-        assert isinstance(labels, MPSCNNLossLabels)
-        if region.count != 1:
-            raise value_error(self._name(), "clip_rect.size.depth", region.count,
-                              "select one image per MPSCNNLossLabels (a labels object describes one batch image; use encode_batch for more)")
-        n, w, h = inp.channels, region.width, region.height
-        sx, sy = inp.window_left, inp.window_top
-        y = read_window(src.tensor[inp.n0:inp.n0 + 1, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
-        lab_img, wt_img = labels.labels_image(), labels.weights_image()
-        if sx < 0 or sy < 0 or sx + w > lab_img.width or sy + h > lab_img.height or n > lab_img.feature_channels:
-            raise value_error(self._name(), "labels", f"labels image {lab_img.width}x{lab_img.height}x{lab_img.feature_channels}",
-                              f"cover the source pixels read, x in [{sx}, {sx + w}), y in [{sy}, {sy + h}), and the {n} channels used")
-        t = lab_img.tensor[:, sy:sy + h, sx:sx + w, :n]
-        wt = None if wt_img is None else wt_img.tensor[:, sy:sy + h, sx:sx + w, :n]
-        size = labels.loss_image_size
-        scalar = (size.width, size.height, size.depth) == (1, 1, 1)
-        per_element = (size.width, size.height, size.depth) == (src.width, src.height, n)
-        if not scalar and not per_element:
-            raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}",
-                              f"be 1x1x1 or the source size with the channels used, {src.width}x{src.height}x{n}")
-        if self._reduction_type == _R.none and not per_element:
-            raise value_error(self._name(), "labels.loss_image_size", "1x1x1",
-                              f"be the source size {src.width}x{src.height}x{n} for reduction none (per-element losses)")
-        if self._loss_type == _T.cosineDistance and not scalar:
+        r = self._read_labelled(src, inp, region, state)
+        if self._loss_type == _T.cosineDistance and not r.scalar:
+            size = r.labels.loss_image_size
             raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}", "be 1x1x1 for cosineDistance (one value per image)")
         kind = int(self._loss_type)
-        ts = _smoothed(self, t, self._label_smoothing)
-        we = B.effective_weights(self._weight, wt)
-        write_result(dest, region, B.loss_gradient(kind, y, ts, self._epsilon, self._delta) * we)
-        lval = B.loss_elementwise(kind, y, ts, self._epsilon, self._delta)
-        if per_element:
-            labels.loss_image().tensor[:, sy:sy + h, sx:sx + w, :n].copy_(lval * we)
+        ts = _smoothed(self, r.t, self._label_smoothing)
+        we = B.effective_weights(self._weight, r.wt)
+        write_result(dest, region, B.loss_gradient(kind, r.y, ts, self._epsilon, self._delta) * we)
+        lval = B.loss_elementwise(kind, r.y, ts, self._epsilon, self._delta)
+        if r.loss_view is not None:
+            r.loss_view.copy_(lval * we)
         else:
-            elements = w * h * (1 if self._loss_type == _T.softMaxCrossEntropy else n)
-            self._pending.append((labels, B.sum_weighted(lval, we), B.nonzero_count(we, lval), elements))
+            elements = r.w * r.h * (1 if self._loss_type == _T.softMaxCrossEntropy else r.n)
+            self._pending.append((r.labels, B.sum_weighted(lval, we), B.nonzero_count(we, lval), elements))
 
     def _finish(self, labels: list[MPSCNNLossLabels]) -> None:
         """Write the reduced losses of the batch just encoded (spec §9)."""
@@ -268,12 +319,7 @@ class MPSCNNLoss(_LossParameters, MPSCNNKernel):
             total = torch.stack([p[1] for p in self._pending]).sum()
             count = torch.stack([p[2] for p in self._pending]).sum()
             elements = sum(p[3] for p in self._pending)
-            value = B.finish_reduction(red, kind, total, count, elements, self._weight, len(self._pending))
-            for lab in labels[1:]:
-                if lab.loss_image_size == _ONE:
-                    lab.loss_image().tensor.zero_()
-            if labels[0].loss_image_size == _ONE:
-                labels[0].loss_image().tensor.copy_(value.reshape(1, 1, 1, 1))
+            self._write_batch_total(labels, B.finish_reduction(red, kind, total, count, elements, self._weight, len(self._pending)))
             return
         for lab, total, count, elements in self._pending:
             lab.loss_image().tensor.copy_(B.finish_reduction(red, kind, total, count, elements, self._weight).reshape(1, 1, 1, 1))

@@ -38,7 +38,7 @@ same layout. ``sigma`` is the logistic sigmoid; per slot (image n, cell x, y, an
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +47,10 @@ from ..backends import loss as LB
 from ..backends import yolo_loss as B
 from ..core.device import Device, MTLCommandBuffer
 from ..core.errors import MPSTypeError, value_error
-from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
-from ..core.regions import read_window
-from ..core.structs import MTLSize
+from ..core.kernel import InputGeometry, Region
 from ..images.image import MPSImage
 from ..images.state import MPSState
-from .loss import MPSCNNLoss
+from .loss import MPSCNNLoss, _LabelledLossKernel
 from .loss_labels import (
     MPSCNNLossDescriptor,
     MPSCNNLossLabels,
@@ -248,7 +246,7 @@ def _part(d: MPSCNNLossDescriptor) -> B.YOLOPart:
     return B.YOLOPart(int(d.loss_type), d.weight, d.label_smoothing, d.number_of_classes, d.epsilon, d.delta)
 
 
-class MPSCNNYOLOLoss(MPSCNNKernel):
+class MPSCNNYOLOLoss(_LabelledLossKernel):
     """``MPSCNNYOLOLoss``: the YOLO (v2) detection loss and its gradient in one pass (spec
     §14); an :class:`~mpsnn.MPSCNNKernel` with :class:`~mpsnn.MPSCNNLoss`'s interface.
 
@@ -279,8 +277,6 @@ class MPSCNNYOLOLoss(MPSCNNKernel):
     weights are indexed in source coordinates. Math and every ``(inferred)`` choice: module
     docstring. float32 arithmetic for every storage format; no host synchronisation.
     """
-
-    _result_state_class = None
 
     def __init__(self, device: Device | str, loss_descriptor: MPSCNNYOLOLossDescriptor) -> None:
         super().__init__(device)
@@ -338,89 +334,23 @@ class MPSCNNYOLOLoss(MPSCNNKernel):
         self._anchors = self._anchors.to(self.device.torch_device)
         self._losses = [k.copy(self.device) for k in self._losses]  # type: ignore[misc]
 
-    def encode(  # type: ignore[override]
-        self, command_buffer: MTLCommandBuffer, source_image: MPSImage, labels: MPSCNNLossLabels, destination_image: MPSImage | None = None,
-    ) -> MPSImage | None:
-        """``encode(commandBuffer:sourceImage:labels:[destinationImage:])``."""
-        out = self.encode_batch(command_buffer, [source_image], [labels], None if destination_image is None else [destination_image])
-        return None if out is None else out[0]
-
-    def encode_batch(  # type: ignore[override]
-        self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], labels: Sequence[MPSCNNLossLabels],
-        destination_images: Sequence[MPSImage] | None = None,
-    ) -> list[MPSImage] | None:
-        """``encodeBatch(commandBuffer:sourceImages:labels:[destinationImages:])``."""
-        cb = self._check_command_buffer(command_buffer)
-        srcs = [self._check_image(f"source_images[{k}]", s, cb) for k, s in enumerate(source_images)]
-        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
-        if len(labs) != len(srcs):
-            raise value_error(self._name(), "labels", f"{len(labs)} labels", f"match the {len(srcs)} source images")
-        for k, s in enumerate(srcs):
-            self._check_channels(f"source_images[{k}]", s)
-        if destination_images is None:
-            dests = []
-            for k, s in enumerate(srcs):
-                if s.number_of_images != 1:
-                    raise value_error(self._name(), f"source_images[{k}].number_of_images", s.number_of_images, "be 1 in the forms that return images")
-                dests.append(self._allocator.image_for_command_buffer(cb, self.destination_image_descriptor([s]), self))
-        else:
-            dests = list(destination_images)
-            if len(dests) != len(srcs):
-                raise value_error(self._name(), "destination_images", f"{len(dests)} images", f"match the {len(srcs)} source images")
-            for d in dests:
-                for s in srcs:
-                    self._check_no_alias(self._check_image("destination_image", d, cb), s)
-        self._pending = []
-        try:
-            for s, d, lab in zip(srcs, dests, labs):
-                self._encode_checked(cb, s, d, lab)
-            if labs:
-                with cb.encoding(self._name()):
-                    self._finish(labs)
-        finally:
-            self._pending = []
-        _consume([*srcs, *labs])
-        return dests if destination_images is None else None
-
-    def _check_channels(self, name: str, src: MPSImage) -> None:
+    def _check_source(self, name: str, src: MPSImage) -> None:
         n, a = self.source_channels_used(src), self._number_of_anchor_boxes
         if n % a or n // a < 5:
             raise value_error(self._name(), f"{name}.feature_channels", f"{n} channels used",
                               f"be a multiple of number_of_anchor_boxes={a} with at least 5 per anchor (X, Y, W, H, C, classes...)")
 
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
-        labels = state
-        assert isinstance(labels, MPSCNNLossLabels)
-        owner = self._name()
-        if region.count != 1:
-            raise value_error(owner, "clip_rect.size.depth", region.count,
-                              "select one image per MPSCNNLossLabels (a labels object describes one batch image; use encode_batch for more)")
-        n, w, h = inp.channels, region.width, region.height
-        sx, sy = inp.window_left, inp.window_top
-        y = read_window(src.tensor[inp.n0:inp.n0 + 1, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
-        lab_img, wt_img = labels.labels_image(), labels.weights_image()
-        if sx < 0 or sy < 0 or sx + w > lab_img.width or sy + h > lab_img.height or n > lab_img.feature_channels:
-            raise value_error(owner, "labels", f"labels image {lab_img.width}x{lab_img.height}x{lab_img.feature_channels}",
-                              f"cover the source pixels read, x in [{sx}, {sx + w}), y in [{sy}, {sy + h}), and the {n} channels used")
-        t = lab_img.tensor[:, sy:sy + h, sx:sx + w, :n]
-        wt = None if wt_img is None else wt_img.tensor[:, sy:sy + h, sx:sx + w, :n]
-        size = labels.loss_image_size
-        scalar = (size.width, size.height, size.depth) == (1, 1, 1)
-        per_element = (size.width, size.height, size.depth) == (src.width, src.height, n)
-        if not scalar and not per_element:
-            raise value_error(owner, "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}",
-                              f"be 1x1x1 or the source size with the channels used, {src.width}x{src.height}x{n}")
-        if self._reduction_type == MPSCNNReductionType.none and not per_element:
-            raise value_error(owner, "labels.loss_image_size", "1x1x1", f"be the source size {src.width}x{src.height}x{n} for reduction none (per-element losses)")
-        grad, per, sums, counts = B.yolo_loss(y, t, wt, self._anchors, self._params)
+        r = self._read_labelled(src, inp, region, state)
+        grad, per, sums, counts = B.yolo_loss(r.y, r.t, r.wt, self._anchors, self._params)
         write_result(dest, region, grad)
-        if per_element:
-            labels.loss_image().tensor[:, sy:sy + h, sx:sx + w, :n].copy_(per)
+        if r.loss_view is not None:
+            r.loss_view.copy_(per)
         else:
-            a, k = self._number_of_anchor_boxes, n // self._number_of_anchor_boxes - 5
-            cells = w * h * a
+            a, k = self._number_of_anchor_boxes, r.n // self._number_of_anchor_boxes - 5
+            cells = r.w * r.h * a
             elements = [cells * (1 if p.loss_type == LB.SOFTMAX_CE else c) for p, c in zip(self._parts, (2, 2, 1, k))]
-            self._pending.append((labels, sums[:, 0], counts[:, 0], elements))
+            self._pending.append((r.labels, sums[:, 0], counts[:, 0], elements))
 
     def _finish(self, labels: list[MPSCNNLossLabels]) -> None:
         """Reduce each part (spec §9 per part) and add the four (module docstring)."""
@@ -436,15 +366,8 @@ class MPSCNNYOLOLoss(MPSCNNKernel):
             s = torch.stack([p[1] for p in self._pending]).sum(dim=0)
             c = torch.stack([p[2] for p in self._pending]).sum(dim=0)
             e = [sum(p[3][i] for p in self._pending) for i in range(4)]
-            value = total(s, c, e)
-            for lab in labels[1:]:
-                if lab.loss_image_size == _ONE:
-                    lab.loss_image().tensor.zero_()
-            if labels[0].loss_image_size == _ONE:
-                labels[0].loss_image().tensor.copy_(value.reshape(1, 1, 1, 1))
+            self._write_batch_total(labels, total(s, c, e))
             return
         for lab, s, c, e in self._pending:
             lab.loss_image().tensor.copy_(total(s, c, e).reshape(1, 1, 1, 1))
 
-
-_ONE = MTLSize(1, 1, 1)
