@@ -90,6 +90,7 @@ def test_convolution_state_form(device, kind, count, in_place) -> None:
         np.testing.assert_array_equal(host(res.biases), b0 if in_place else np.full(COUT, 5.0, np.float32))
     if t_before is not None:
         assert opt.time_step == t_before + 1, "one encode advances time_step once, whatever it updates"
+        assert float(opt.time_step_tensor()) == opt.time_step, "the device step count advances once too"
     if not in_place:
         np.testing.assert_array_equal(host(src.weights), w0)
 

@@ -187,10 +187,10 @@ def _tables(entries: Sequence[Entry], device: torch.device) -> tuple:
     first = np.cumsum(counts) - counts
     start = (np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)) * BLOCK
     blk = np.stack([owner, start], axis=1).reshape(-1)
-    steps: dict[int, int] = {}
+    steps: dict[int, int] = {}              # step tensor -> its optimizer's encodes in this launch
     for e in entries:
         if e.step is not None:
-            steps[e.step.data_ptr()] = steps.get(e.step.data_ptr(), 0) + 1
+            steps[e.step.data_ptr()] = max(steps.get(e.step.data_ptr(), 0), e.offset)
     host = [torch.from_numpy(ptrs.reshape(-1)), torch.from_numpy(fl.reshape(-1)), torch.from_numpy(blk),
             torch.tensor(list(steps), dtype=torch.int64), torch.tensor(list(steps.values()), dtype=torch.float32)]
     if device.type == "cuda":
@@ -200,8 +200,9 @@ def _tables(entries: Sequence[Entry], device: torch.device) -> tuple:
 
 
 def launch(kind: str, entries: Sequence[Entry], clip: bool, regularization: int) -> None:
-    """Update every entry in one launch of ``_update_kernel`` (and advance the Adam step
-    tensors by the number of their entries in one launch of ``_bump_kernel``)."""
+    """Update every entry in one launch of ``_update_kernel`` (and advance each Adam step
+    tensor by its optimizer's number of encodes, the largest offset of its entries, in one
+    launch of ``_bump_kernel``)."""
     if not entries:
         return
     device = entries[0].value.device
