@@ -143,6 +143,8 @@ from .kernels.softmax import *  # noqa: E402,F401,F403
 from .kernels.upsampling import *  # noqa: E402,F401,F403
 from .kernels.yolo_loss import *  # noqa: E402,F401,F403
 from .optimizers import *  # noqa: E402,F401,F403
+from . import graph as _graph  # noqa: E402
+from .graph import *  # noqa: E402,F401,F403
 
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list
@@ -258,3 +260,4 @@ __all__ = [
 __all__ += [*_arithmetic.__all__, *_batch_normalization.__all__, *_instance_group_normalization.__all__, *_local_normalization.__all__,
             *_dropout.__all__, *_pooling.__all__, *_reduce.__all__, *_resampling.__all__, *_reshape.__all__,
             *_softmax.__all__, *_upsampling.__all__, *_loss.__all__, *_yolo_loss.__all__, *_optimizers.__all__, *_vector.__all__]
+__all__ += [*_graph.__all__]

@@ -1,0 +1,470 @@
+"""MPSNNGraph: an executable form of a node graph (spec/graph.md §9-11).
+
+Execution model (mpsnn):
+
+* Building a graph makes the plan (:mod:`mpsnn.graph.plan`: order, pruning, inputs, outputs,
+  read counts) and one kernel per filter node, reading weights from data sources once.
+* An encode runs every planned filter once **over the whole batch**: the images of a batch
+  (one per batch entry, ``encode_batch``) are stacked into one multi-image MPSImage per source
+  (copied unless there is one entry), every kernel encodes that stacked image, and the result
+  is handed back as one image per entry (views of the stacked result). Batch statistics
+  (batch normalization in training) and ``reduce_across_batch`` losses therefore see the whole
+  batch. Loss labels stay one state per entry.
+* Intermediate images are :class:`~mpsnn.MPSTemporaryImage` objects whose ``read_count`` is the
+  number of filters that read them, so their storage returns to the command buffer's pool
+  after the last reader and is reused by later filters. Results, exported images and images
+  of nodes with a user ``image_allocator`` are not pooled.
+* Formats: an intermediate image takes its node's ``format``, else the graph's ``format``
+  (default float16); results too (the graph's ``destination_image_allocator`` makes them).
+* Encoding never synchronises the host with the device.
+
+Decisions (``(inferred)``):
+
+* A temporary source image's read count drops by :meth:`read_count_for_source_image_at_index`
+  (the number of filters reading it), as the newer API documents (CONFLICT §15).
+* All batches of one encode must have the same length and every entry of one batch index must
+  hold the same number of images; sources of one handle must agree in size and format.
+* ``destination_states`` receives the state nodes marked ``export_from_graph``.
+* Errors raised by a kernel while the graph encodes it are re-raised as the same
+  :class:`~mpsnn.MPSError` class with the node named: ``MPSNNGraph: node <node>: <message>``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..core.device import Device, MTLCommandBuffer, as_device
+from ..core.enums import MPSImageFeatureChannelFormat
+from ..core.errors import MPSError, MPSTypeError, MPSValueError, value_error
+from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
+from .nodes.base import MPSNNFilterNode, MPSNNImageNode, handle_label
+from .plan import GraphPlan, PlannedStep, make_plan
+
+_F = MPSImageFeatureChannelFormat
+
+
+class _NodeAllocator(MPSImageAllocator):
+    """Makes one step's result image in the format the graph decided, pooled or not."""
+
+    __slots__ = ("fmt", "temporary", "read_count", "user", "made")
+
+    def __init__(self, fmt: MPSImageFeatureChannelFormat, temporary: bool, read_count: int, user: MPSImageAllocator | None) -> None:
+        self.fmt, self.temporary, self.read_count, self.user = fmt, temporary, read_count, user
+        self.made: list[MPSImage] = []
+
+    def image_for_command_buffer(self, command_buffer: MTLCommandBuffer, image_descriptor: MPSImageDescriptor, kernel: Any) -> MPSImage:
+        d = MPSImageDescriptor._trusted(self.fmt, image_descriptor.width, image_descriptor.height,
+                                        image_descriptor.feature_channels, image_descriptor.number_of_images)
+        if self.user is not None:
+            img = self.user.image_for_command_buffer(command_buffer, d, kernel)
+        elif self.temporary:
+            img = MPSTemporaryImage(command_buffer, d)
+            if self.read_count > 1:
+                img.read_count = self.read_count
+        else:
+            img = MPSImage(command_buffer.device, d)
+        self.made.append(img)
+        return img
+
+
+class _EncodeContext:
+    """What a node's ``_encode`` gets besides its kernel and inputs."""
+
+    __slots__ = ("graph", "command_buffer", "allocator", "want_states", "step", "encode_index", "kernels", "states_of")
+
+    def __init__(self, graph: "MPSNNGraph", cb: MTLCommandBuffer, allocator: _NodeAllocator, step: PlannedStep,
+                 encode_index: int, kernels: dict[int, Any], states_of: dict[int, Any]) -> None:
+        self.graph, self.command_buffer, self.allocator, self.step = graph, cb, allocator, step
+        self.want_states = step.want_states
+        self.encode_index = encode_index
+        self.kernels = kernels
+        self.states_of = states_of
+
+    def kernel_of(self, node: MPSNNFilterNode) -> Any:
+        """The kernel this graph built for ``node`` (e.g. a gradient node's forward)."""
+        return self.kernels.get(id(node))
+
+    def single_state(self, node: MPSNNFilterNode, state: Any) -> Any:
+        """A state the node reads as one object (a one-entry batch of states is unwrapped)."""
+        if isinstance(state, list):
+            if len(state) != 1:
+                raise MPSValueError(f"MPSNNGraph: node {node._describe()} reads one state for the whole batch, "
+                                    f"but got a batch of {len(state)} states")
+            return state[0]
+        return state
+
+    def image_format(self, node: MPSNNImageNode) -> MPSImageFeatureChannelFormat:
+        return node.format or self.graph.format
+
+
+def _wrap(node: MPSNNFilterNode, err: MPSError) -> MPSError:
+    msg = str(err)
+    if msg.startswith("MPSNNGraph:"):
+        return err
+    try:
+        new = type(err)(f"MPSNNGraph: node {node._describe()}: {msg}")
+    except Exception:  # pragma: no cover - every MPSError subclass takes one message
+        return err
+    return new
+
+
+class MPSNNGraph:
+    """``MPSNNGraph``: an optimised, executable form of the node graph behind one or more result
+    image nodes.
+
+    Args:
+        device: the device (positional, first).
+        result_image: the result image node (``initWithDevice:resultImage:resultImageIsNeeded:``).
+        result_image_is_needed: False when only side effects matter (training graphs): the
+            result is not returned and filters that only serve it are pruned.
+        result_images / results_are_needed: the multi-result form (one flag per result; None:
+            all needed). The first result is returned by ``encode``; the others arrive through
+            ``intermediate_images``.
+
+    Read-only: ``source_image_handles``, ``source_state_handles``, ``intermediate_image_handles``,
+    ``result_state_handles``, ``result_handle``, ``result_image_is_needed``. Read-write:
+    ``format`` (default float16), ``destination_image_allocator`` (default
+    :attr:`MPSImage.default_allocator`), ``output_state_is_temporary`` (default False).
+
+    Encode forms: ``encode(cb, source_images[, source_states, intermediate_images,
+    destination_states])``, ``encode_batch(cb, source_images, source_states[, ...])`` (lists of
+    batches), ``execute_async(source_images, completion_handler)``, and the Python convenience
+    :meth:`run`. Orders of the handle lists: :mod:`mpsnn.graph.plan`.
+
+    Example::
+
+        x = MPSNNImageNode(None)
+        conv = MPSCNNConvolutionNode(x, weights=data_source)
+        relu = MPSCNNNeuronReLUNode(conv.result_image)
+        graph = MPSNNGraph(device, relu.result_image, result_image_is_needed=True)
+        y = graph.encode(cb, [image])
+    """
+
+    def __init__(self, device: Device | str, result_image: MPSNNImageNode | None = None, result_image_is_needed: bool = True, *,
+                 result_images: Sequence[MPSNNImageNode] | None = None, results_are_needed: Sequence[bool] | None = None) -> None:
+        self._device = as_device(device, "MPSNNGraph")
+        if (result_image is None) == (result_images is None):
+            raise MPSValueError("MPSNNGraph: give exactly one of `result_image` and `result_images`")
+        if result_image is not None:
+            results, needed = [result_image], [bool(result_image_is_needed)]
+        else:
+            results = list(result_images)  # type: ignore[arg-type]
+            needed = [True] * len(results) if results_are_needed is None else [bool(x) for x in results_are_needed]
+        self._plan: GraphPlan = make_plan(results, needed)
+        self._format = _F.float16
+        self._allocator: MPSImageAllocator = MPSImage.default_allocator
+        self.output_state_is_temporary = False
+        self._encode_count = 0
+        self._lock = threading.Lock()
+        self._kernels: dict[int, Any] = {}
+        for st in self._plan.steps:
+            try:
+                self._kernels[id(st.node)] = st.node._build_kernel(self._device)
+            except MPSError as e:
+                raise _wrap(st.node, e) from e
+
+    @classmethod
+    def graph_with_device(cls, device: Device | str, result_image: MPSNNImageNode | None = None, result_image_is_needed: bool = True, **kw: Any) -> "MPSNNGraph":
+        return cls(device, result_image, result_image_is_needed, **kw)
+
+    # -- properties ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> Device:
+        return self._device
+
+    @property
+    def format(self) -> MPSImageFeatureChannelFormat:
+        return self._format
+
+    @format.setter
+    def format(self, value: Any) -> None:
+        try:
+            fmt = _F(value)
+        except (ValueError, TypeError):
+            raise value_error("MPSNNGraph", "format", value, "be an MPSImageFeatureChannelFormat") from None
+        if fmt not in (_F.float16, _F.float32, _F.bfloat16):
+            raise value_error("MPSNNGraph", "format", fmt.name, "be float16, float32 or bfloat16 (the storage formats kernels write)")
+        self._format = fmt
+
+    @property
+    def destination_image_allocator(self) -> MPSImageAllocator:
+        return self._allocator
+
+    @destination_image_allocator.setter
+    def destination_image_allocator(self, value: MPSImageAllocator) -> None:
+        if not isinstance(value, MPSImageAllocator):
+            raise MPSTypeError(f"MPSNNGraph: `destination_image_allocator` must be an MPSImageAllocator, but got {type(value).__name__}")
+        self._allocator = value
+
+    @property
+    def source_image_handles(self) -> list[Any]:
+        return [n.handle for n in self._plan.source_images]
+
+    @property
+    def source_state_handles(self) -> list[Any] | None:
+        return [n.handle for n in self._plan.source_states] or None
+
+    @property
+    def intermediate_image_handles(self) -> list[Any] | None:
+        return [n.handle for n in self._plan.intermediate_images] or None
+
+    @property
+    def result_state_handles(self) -> list[Any] | None:
+        return [n.handle for n in self._plan.result_states] or None
+
+    @property
+    def result_handle(self) -> Any:
+        return self._plan.results[0].handle
+
+    @property
+    def result_image_is_needed(self) -> bool:
+        return self._plan.results_needed[0]
+
+    @property
+    def plan(self) -> GraphPlan:
+        """The execution plan (mpsnn extension; read-only use)."""
+        return self._plan
+
+    def read_count_for_source_image_at_index(self, index: int) -> int:
+        """How much an encode decrements the read count of temporary source image ``index``."""
+        return self._plan.source_image_reads[self._index("index", index, len(self._plan.source_images))]
+
+    def read_count_for_source_state_at_index(self, index: int) -> int:
+        """How much an encode decrements the read count of temporary source state ``index``."""
+        return self._plan.source_state_reads[self._index("index", index, len(self._plan.source_states))]
+
+    @staticmethod
+    def _index(name: str, index: Any, n: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+            raise value_error("MPSNNGraph", name, index, f"be in [0, {n})")
+        return index
+
+    def reload_from_data_sources(self) -> None:
+        """Re-read the parameters of every node of this graph that has a data source. No work
+        of this graph may be in flight."""
+        for st in self._plan.steps:
+            try:
+                st.node._reload(self._kernels[id(st.node)])
+            except MPSError as e:
+                raise _wrap(st.node, e) from e
+
+    # -- encoding -------------------------------------------------------------------------------------
+    def encode(self, command_buffer: MTLCommandBuffer, source_images: Sequence[MPSImage], source_states: Sequence[Any] | None = None,
+               intermediate_images: list[Any] | None = None, destination_states: list[Any] | None = None) -> MPSImage | None:
+        """``encodeToCommandBuffer:sourceImages:[sourceStates:intermediateImages:destinationStates:]``.
+
+        ``source_images[i]`` goes with ``source_image_handles[i]`` and ``source_states[j]`` with
+        ``source_state_handles[j]``. Exported images / extra results are appended to
+        ``intermediate_images`` and exported states to ``destination_states`` when those lists
+        are given. Returns the result image (None when it is not needed)."""
+        imgs = self._check_list("source_images", source_images)
+        batches = [[img] for img in imgs]
+        sts = None if source_states is None else [[s] for s in self._check_list("source_states", source_states)]
+        inter: list[Any] | None = [] if intermediate_images is not None else None
+        dstates: list[Any] | None = [] if destination_states is not None else None
+        out = self._encode_batches(command_buffer, batches, sts, inter, dstates)
+        if intermediate_images is not None:
+            intermediate_images.extend(x[0] for x in inter)  # type: ignore[union-attr]
+        if destination_states is not None:
+            destination_states.extend(dstates)  # type: ignore[arg-type]
+        return None if out is None else out[0]
+
+    encode_to_command_buffer = encode
+
+    def encode_batch(self, command_buffer: MTLCommandBuffer, source_images: Sequence[Sequence[MPSImage]], source_states: Sequence[Sequence[Any]] | None = None,
+                     intermediate_images: list[Any] | None = None, destination_states: list[Any] | None = None) -> list[MPSImage] | None:
+        """``encodeBatchToCommandBuffer:sourceImages:sourceStates:[intermediateImages:destinationStates:]``:
+        ``source_images[i]`` is the batch (a list, one image per entry) for source handle ``i``;
+        returns the result batch. Exported images arrive as batches."""
+        batches = [list(self._check_list(f"source_images[{i}]", b)) for i, b in enumerate(self._check_list("source_images", source_images))]
+        sts = None if source_states is None else [list(self._check_list(f"source_states[{j}]", b)) for j, b in enumerate(self._check_list("source_states", source_states))]
+        return self._encode_batches(command_buffer, batches, sts, intermediate_images, destination_states)
+
+    encode_batch_to_command_buffer = encode_batch
+
+    def execute_async(self, source_images: Sequence[MPSImage], completion_handler: Callable[[MPSImage | None, Exception | None], Any]) -> MPSImage | None:
+        """``executeAsyncWithSourceImages:completionHandler:``: encode on an internal command
+        buffer, commit, and return the result; ``completion_handler(result, error)`` runs when
+        the work completes (or at once with the error when encoding fails)."""
+        imgs = self._check_list("source_images", source_images)
+        if not imgs:
+            raise value_error("MPSNNGraph", "source_images", imgs, "hold at least one image")
+        cb = imgs[0].device.make_command_queue().make_command_buffer() if isinstance(imgs[0], MPSImage) else self._device.make_command_queue().make_command_buffer()
+        try:
+            result = self.encode(cb, imgs)
+        except MPSError as e:
+            completion_handler(None, e)
+            return None
+        cb.add_completed_handler(lambda _cb: completion_handler(result, _cb.error))
+        cb.commit()
+        return result
+
+    execute_async_with_source_images = execute_async
+
+    def run(self, source_images: Sequence[MPSImage] | MPSImage, source_states: Sequence[Any] | None = None) -> MPSImage | None:
+        """Python convenience: encode on a new command buffer, commit and wait; returns the result."""
+        imgs = [source_images] if isinstance(source_images, MPSImage) else list(source_images)
+        cb = self._device.make_command_queue().make_command_buffer()
+        out = self.encode(cb, imgs, source_states)
+        cb.commit()
+        cb.wait_until_completed()
+        return out
+
+    @staticmethod
+    def _check_list(name: str, value: Any) -> list[Any]:
+        if value is None or isinstance(value, (MPSImage, str, bytes)) or not hasattr(value, "__len__"):
+            raise MPSTypeError(f"MPSNNGraph: `{name}` must be a list, but got {type(value).__name__}")
+        return list(value)
+
+    def _stack_sources(self, cb: MTLCommandBuffer, batches: list[list[MPSImage]]) -> tuple[list[MPSImage], list[int]]:
+        """One image per source handle holding the whole batch, and the per-entry image counts."""
+        plan = self._plan
+        if len(batches) != len(plan.source_images):
+            raise value_error("MPSNNGraph", "source_images", f"{len(batches)} sources",
+                              f"match the graph's {len(plan.source_images)} source image handles {[handle_label(h) for h in self.source_image_handles]}")
+        n = len(batches[0]) if batches else 0
+        for i, b in enumerate(batches):
+            if len(b) != n:
+                raise value_error("MPSNNGraph", f"source_images[{i}]", f"a batch of {len(b)}", f"have the batch length of source_images[0] ({n})")
+            for k, img in enumerate(b):
+                if not isinstance(img, MPSImage):
+                    raise MPSTypeError(f"MPSNNGraph: `source_images[{i}][{k}]` must be an MPSImage, but got {type(img).__name__}")
+        if n == 0:
+            raise value_error("MPSNNGraph", "source_images", "empty batches", "hold at least one image per source")
+        counts = [img.number_of_images for img in batches[0]]
+        stacked: list[MPSImage] = []
+        for i, b in enumerate(batches):
+            if [img.number_of_images for img in b] != counts:
+                raise value_error("MPSNNGraph", f"source_images[{i}]", [img.number_of_images for img in b],
+                                  f"hold as many images per entry as source_images[0] ({counts})")
+            reads = plan.source_image_reads[i]
+            if n == 1:
+                stacked.append(b[0])
+                continue
+            first = b[0]
+            for k, img in enumerate(b):
+                if (img.width, img.height, img.feature_channels, img.feature_channel_format) != (first.width, first.height, first.feature_channels, first.feature_channel_format):
+                    raise value_error("MPSNNGraph", f"source_images[{i}][{k}]",
+                                      f"{img.width}x{img.height}x{img.feature_channels} {img.feature_channel_format.name}",
+                                      f"match entry 0 ({first.width}x{first.height}x{first.feature_channels} {first.feature_channel_format.name})")
+                if img.device != self._device:
+                    raise value_error("MPSNNGraph", f"source_images[{i}][{k}].device", img.device, f"be the graph's device {self._device}")
+            desc = MPSImageDescriptor._trusted(first.feature_channel_format, first.width, first.height, first.feature_channels, sum(counts))
+            big = MPSTemporaryImage(cb, desc)
+            big.read_count = max(1, reads)
+            with cb.encoding("MPSNNGraph"):
+                torch.cat([img.tensor for img in b], out=big.tensor)
+            for img in b:
+                if isinstance(img, MPSTemporaryImage):
+                    for _ in range(reads):
+                        img.consume_read()
+            stacked.append(big)
+        return stacked, counts
+
+    def _split(self, image: MPSImage, counts: list[int]) -> list[MPSImage]:
+        if len(counts) == 1:
+            return [image]
+        out, n0 = [], 0
+        for c in counts:
+            out.append(image._make_view(n0, n0 + c, 0, image.feature_channels))
+            n0 += c
+        return out
+
+    def _encode_batches(self, command_buffer: MTLCommandBuffer, batches: list[list[MPSImage]], source_states: list[list[Any]] | None,
+                        intermediate_images: list[Any] | None, destination_states: list[Any] | None) -> list[MPSImage] | None:
+        if not isinstance(command_buffer, MTLCommandBuffer):
+            raise MPSTypeError(f"MPSNNGraph: `command_buffer` must be an MTLCommandBuffer, but got {type(command_buffer).__name__}")
+        cb = command_buffer
+        cb.check_encodable("MPSNNGraph")
+        plan = self._plan
+        nstates = len(plan.source_states)
+        given = 0 if source_states is None else len(source_states)
+        if given != nstates:
+            raise value_error("MPSNNGraph", "source_states", f"{given} states" if source_states is not None else None,
+                              f"match the graph's {nstates} source state handles {[handle_label(h) for h in (self.source_state_handles or [])]}")
+        stacked, counts = self._stack_sources(cb, batches)
+        entries = len(counts)
+        for j, b in enumerate(source_states or []):
+            if len(b) != entries:
+                raise value_error("MPSNNGraph", f"source_states[{j}]", f"a batch of {len(b)}", f"have the batch length of the source images ({entries})")
+        with self._lock:
+            index = self._encode_count
+            self._encode_count += 1
+        values: dict[int, MPSImage] = {id(n): img for n, img in zip(plan.source_images, stacked)}
+        svalues: dict[int, Any] = {id(n): list(b) for n, b in zip(plan.source_states, source_states or [])}
+        last = plan.last_reader()
+        results_by_id = {id(r): k for k, r in enumerate(plan.results)}
+        kept: dict[int, MPSImage] = {}
+        for step in plan.steps:
+            node = step.node
+            rnode = node._result_image
+            temporary = not step.keep_result and rnode.image_allocator is MPSTemporaryImage.default_allocator
+            user = None
+            if id(rnode) in results_by_id:
+                user = self._allocator if self._allocator is not MPSImage.default_allocator else None
+            elif rnode.image_allocator is not MPSTemporaryImage.default_allocator:
+                user = rnode.image_allocator
+            alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, step.result_reads, user)
+            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels, svalues)
+            images = [values[id(n)] for n in node._source_images]
+            states = [svalues[id(s)] for s in node._source_states]
+            try:
+                img, out_states = node._encode(ctx, self._kernels[id(node)], images, states)
+            except MPSError as e:
+                raise _wrap(node, e) from e
+            if isinstance(img, MPSTemporaryImage) and step.result_reads == 0 and not step.keep_result:
+                img.read_count = 0
+            values[id(rnode)] = img
+            if step.keep_result:
+                kept[id(rnode)] = img
+            for sn, st in zip(node._result_states or [], out_states):
+                svalues[id(sn)] = st
+            # forget images whose last reader ran (their storage is back in the pool)
+            for n in node._source_images:
+                if last.get(id(n)) == step.index and id(n) not in kept:
+                    values.pop(id(n), None)
+        if intermediate_images is not None:
+            for n in plan.intermediate_images:
+                intermediate_images.append(self._split(kept[id(n)], counts))
+        if destination_states is not None:
+            for sn in plan.result_states:
+                destination_states.append(svalues.get(id(sn)))
+        if not plan.results_needed[0]:
+            return None
+        return self._split(kept[id(plan.results[0])], counts)
+
+    # -- description -----------------------------------------------------------------------------------
+    @property
+    def debug_description(self) -> str:
+        """A readable dump of the compiled graph: inputs, filters in execution order with their
+        kernels, inputs and read counts, outputs."""
+        p = self._plan
+        names: dict[int, str] = {}
+        for k, n in enumerate(p.source_images):
+            names[id(n)] = f"src{k}({handle_label(n.handle) or '-'})"
+        lines = [f"MPSNNGraph on {self._device}: {len(p.steps)} filters, format {self._format.name}"]
+        lines.append("  source images: " + (", ".join(names[id(n)] for n in p.source_images) or "none"))
+        if p.source_states:
+            lines.append("  source states: " + ", ".join(n._describe() for n in p.source_states))
+        for st in p.steps:
+            node = st.node
+            names[id(node._result_image)] = f"t{st.index}"
+            ins = ", ".join(names.get(id(n), n._describe()) for n in node._source_images)
+            kind = "kept" if st.keep_result else f"temporary, read {st.result_reads}x"
+            kern = type(self._kernels[id(node)]).__name__ if not isinstance(self._kernels[id(node)], tuple) else "+".join(type(k).__name__ for k in self._kernels[id(node)])
+            extra = " +states" if st.want_states else ""
+            lines.append(f"  t{st.index} = {node._describe()} [{kern}]({ins}) -> {kind}{extra}")
+        lines.append("  results: " + ", ".join(f"{names[id(r)]}{'' if need else ' (not needed)'}" for r, need in zip(p.results, p.results_needed)))
+        if p.intermediate_images:
+            lines.append("  intermediate images: " + ", ".join(names[id(n)] for n in p.intermediate_images))
+        if p.result_states:
+            lines.append("  result states: " + ", ".join(n._describe() for n in p.result_states))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<MPSNNGraph {len(self._plan.steps)} filters on {self._device}>"
+
+
+__all__ = ["MPSNNGraph"]

@@ -1,0 +1,4 @@
+"""Graph nodes: resampling family (spec/graph.md §14). Being filled in."""
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,188 @@
+"""The device-free part of building an MPSNNGraph (spec/graph.md §9, §11): which filters run,
+in which order, which images and states are graph inputs and outputs, and how many times each
+intermediate image is read (its temporary image's ``read_count``).
+
+Orders (deterministic, documented in :class:`~mpsnn.MPSNNGraph`):
+
+* **execution order**: a depth-first post-order from the result image nodes (in the order
+  given), visiting a filter's source images in order, then its source states;
+* **source images / states**: in the order the execution order first reads them;
+* **intermediate images**: exported images (``export_from_graph``) in execution order, then
+  the extra results of a multi-result graph in the order given, then the first result when it
+  is itself exported;
+* **result states**: exported state nodes in execution order.
+
+Pruning: a filter runs when it produces a needed result or an exported image or state, or when
+it updates trainable parameters (a gradient node of a trainable layer whose ``training_style``
+is not ``updateDeviceNone``), and every filter those depend on runs too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..core.errors import MPSTypeError, MPSValueError
+from .nodes.base import MPSNNFilterNode, MPSNNImageNode, MPSNNStateNode
+
+
+@dataclass
+class PlannedStep:
+    """One filter of the execution order and what the graph knows about it before encoding."""
+
+    node: MPSNNFilterNode
+    index: int
+    #: how many later steps read the result image (each step reads an image once)
+    result_reads: int = 0
+    #: the step's result states are read by a later step or exported
+    want_states: bool = False
+    #: the result stays valid after the graph (a result or exported image): not temporary
+    keep_result: bool = False
+    #: indices of the steps that read the result image
+    readers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GraphPlan:
+    steps: list[PlannedStep]
+    source_images: list[MPSNNImageNode]
+    source_states: list[MPSNNStateNode]
+    #: how many steps read source image i / source state i
+    source_image_reads: list[int]
+    source_state_reads: list[int]
+    results: list[MPSNNImageNode]
+    results_needed: list[bool]
+    intermediate_images: list[MPSNNImageNode]
+    result_states: list[MPSNNStateNode]
+
+    def last_reader(self) -> dict[int, int]:
+        """id(image node) -> index of the last step reading it (lifetime end)."""
+        last: dict[int, int] = {}
+        for st in self.steps:
+            for img in st.node._source_images:
+                last[id(img)] = st.index
+        return last
+
+
+def _inputs(node: MPSNNFilterNode) -> list[MPSNNFilterNode]:
+    out = []
+    for img in node._source_images:
+        if img._producer is not None:
+            out.append(img._producer)
+    for st in node._source_states:
+        if st._producer is not None:
+            out.append(st._producer)
+    return out
+
+
+def _post_order(roots: Sequence[MPSNNFilterNode]) -> list[MPSNNFilterNode]:
+    """Depth-first post-order (iterative); raises on a cycle, naming a filter on it."""
+    order: list[MPSNNFilterNode] = []
+    state: dict[int, int] = {}  # 1 = on the current path, 2 = done
+    for root in roots:
+        if state.get(id(root)) == 2:
+            continue
+        stack: list[tuple[MPSNNFilterNode, int]] = [(root, 0)]
+        state[id(root)] = 1
+        while stack:
+            node, k = stack[-1]
+            ins = _inputs(node)
+            if k < len(ins):
+                stack[-1] = (node, k + 1)
+                nxt = ins[k]
+                s = state.get(id(nxt))
+                if s == 1:
+                    raise MPSValueError(f"MPSNNGraph: the node graph has a cycle through {nxt._describe()} "
+                                        "(a filter may not depend on its own result)")
+                if s is None:
+                    state[id(nxt)] = 1
+                    stack.append((nxt, 0))
+            else:
+                stack.pop()
+                state[id(node)] = 2
+                order.append(node)
+    return order
+
+
+def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool]) -> GraphPlan:
+    """Build the execution plan for ``results`` (device-free; see the module docstring)."""
+    if not results:
+        raise MPSValueError("MPSNNGraph: `result_images` must hold at least one MPSNNImageNode")
+    for k, r in enumerate(results):
+        if not isinstance(r, MPSNNImageNode):
+            raise MPSTypeError(f"MPSNNGraph: `result_images[{k}]` must be an MPSNNImageNode, but got {type(r).__name__}")
+        if r._producer is None:
+            raise MPSValueError(f"MPSNNGraph: `result_images[{k}]` ({r._describe()}) is not the result of a filter node; "
+                                "a graph needs at least one filter between its sources and each result")
+    if len(results_needed) != len(results):
+        raise MPSValueError(f"MPSNNGraph: `results_are_needed` has {len(results_needed)} flags, expected one per result ({len(results)})")
+    everything = _post_order([r._producer for r in results])  # type: ignore[misc]
+
+    # pruning: required roots, then their dependencies
+    required: set[int] = set()
+    roots: list[MPSNNFilterNode] = []
+    for r, need in zip(results, results_needed):
+        if need:
+            roots.append(r._producer)  # type: ignore[arg-type]
+    for node in everything:
+        exports = node._result_image.export_from_graph or any(s.export_from_graph for s in node._result_states or [])
+        if exports or node._is_trainable_update():
+            roots.append(node)
+    for node in _post_order(roots) if roots else []:
+        required.add(id(node))
+    order = [n for n in everything if id(n) in required]
+
+    steps = [PlannedStep(n, i) for i, n in enumerate(order)]
+    by_result: dict[int, PlannedStep] = {id(s.node._result_image): s for s in steps}
+    by_state: dict[int, PlannedStep] = {}
+    for s in steps:
+        for sn in s.node._result_states or []:
+            by_state[id(sn)] = s
+    source_images: list[MPSNNImageNode] = []
+    source_states: list[MPSNNStateNode] = []
+    img_reads: dict[int, int] = {}
+    state_reads: dict[int, int] = {}
+    for s in steps:
+        seen: set[int] = set()
+        for img in s.node._source_images:
+            if id(img) in seen:
+                continue
+            seen.add(id(img))
+            prod = by_result.get(id(img))
+            if prod is None:
+                if img._producer is not None:  # pragma: no cover - dependencies are always required
+                    raise MPSValueError(f"MPSNNGraph: {img._describe()} is read by {s.node._describe()} but its producer is not scheduled")
+                if id(img) not in img_reads:
+                    source_images.append(img)
+                img_reads[id(img)] = img_reads.get(id(img), 0) + 1
+            else:
+                prod.result_reads += 1
+                prod.readers.append(s.index)
+        for st in s.node._source_states:
+            prod = by_state.get(id(st))
+            if prod is None:
+                if id(st) not in state_reads:
+                    source_states.append(st)
+                state_reads[id(st)] = state_reads.get(id(st), 0) + 1
+            else:
+                prod.want_states = True
+    for s in steps:
+        if any(sn.export_from_graph for sn in s.node._result_states or []):
+            s.want_states = True
+        img = s.node._result_image
+        if img.export_from_graph or any(img is r for r in results):
+            s.keep_result = True
+
+    intermediates: list[MPSNNImageNode] = []
+    for s in steps:
+        img = s.node._result_image
+        if img.export_from_graph and img is not results[0] and not any(img is r for r in results[1:]):
+            intermediates.append(img)
+    for r, need in zip(results[1:], results_needed[1:]):
+        if need and id(r) in by_result:
+            intermediates.append(r)
+    if results[0].export_from_graph and results_needed[0]:
+        intermediates.append(results[0])
+    result_states = [sn for s in steps for sn in s.node._result_states or [] if sn.export_from_graph]
+    return GraphPlan(steps, source_images, source_states,
+                     [img_reads[id(i)] for i in source_images], [state_reads[id(s)] for s in source_states],
+                     list(results), list(results_needed), intermediates, result_states)
