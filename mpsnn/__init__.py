@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import graph as _graph  # noqa: E402
 from . import optimizers as _optimizers
 from .core import padding as padding  # the result-size rules as pure functions (dest_size, padding_offset, ...)
 from .core.binary_kernel import MPSCNNBinaryKernel, MPSCNNGradientKernel
@@ -51,6 +52,7 @@ from .core.structs import (
     MTLRegionMake3D,
     MTLSize,
 )
+from .graph import *  # noqa: E402,F401,F403
 
 # The families below list their public names in their modules' ``__all__``.
 from .images import vector as _vector
@@ -143,8 +145,6 @@ from .kernels.softmax import *  # noqa: E402,F401,F403
 from .kernels.upsampling import *  # noqa: E402,F401,F403
 from .kernels.yolo_loss import *  # noqa: E402,F401,F403
 from .optimizers import *  # noqa: E402,F401,F403
-from . import graph as _graph  # noqa: E402
-from .graph import *  # noqa: E402,F401,F403
 
 #: Apple spells these as type aliases of arrays: in Python they are lists.
 MPSImageBatch = list

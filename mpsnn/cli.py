@@ -356,13 +356,19 @@ def demo(args: argparse.Namespace) -> int:
 
 
 # -- entry point ------------------------------------------------------------------------------------
-COMMANDS = ("demo",)
+COMMANDS = ("train-digits", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpsnn", description="Apple's MPS neural-network API on NVIDIA GPUs and CPUs.")
     parser.add_argument("--version", action="version", version=f"mpsnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train-digits,demo}")
+    from .models import train_digits
+    t = sub.add_parser("train-digits", help="train Apple's MNIST digit classifier through MPSNNGraph (the main job, default)",
+                       description="Apple's digit-classifier training sample through the public MPSNNGraph API: train, report the "
+                                   "test accuracy, save the weights (safetensors) and a PNG plot of the curves.")
+    train_digits.add_arguments(t)
+    t.set_defaults(run=train_digits.run)
     d = sub.add_parser("demo", help="run MNIST digits through a chain of MPSCNN kernels and check the result (default)",
                        description="Run real MNIST digits through Linear -> ReLU -> GeLU and the gradient chain on one command buffer, "
                                    "check the results against NumPy and print a report.")
@@ -380,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 failed check, 2 error)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help", "--version")):
-        args_list.insert(0, "demo")
+        args_list.insert(0, "train-digits")
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)

@@ -110,6 +110,20 @@ def _wrap(node: MPSNNFilterNode, err: MPSError) -> MPSError:
     return new
 
 
+def _whole_parent(batch: list[MPSImage]) -> MPSImage | None:
+    """The non-temporary image whose consecutive views (all channels) make up ``batch``, if any."""
+    parent = batch[0].parent
+    if parent is None or isinstance(parent, MPSTemporaryImage) or parent.parent is not None:
+        return None
+    n0 = 0
+    for img in batch:
+        view = img._view
+        if img.parent is not parent or view is None or view[0] != n0 or view[2] != 0 or view[3] != parent.feature_channels:
+            return None
+        n0 = view[1]
+    return parent if n0 == parent.number_of_images else None
+
+
 class MPSNNGraph:
     """``MPSNNGraph``: an optimised, executable form of the node graph behind one or more result
     image nodes.
@@ -297,7 +311,7 @@ class MPSNNGraph:
         except MPSError as e:
             completion_handler(None, e)
             return None
-        cb.add_completed_handler(lambda _cb: completion_handler(result, _cb.error))
+        cb.add_completed_handler(lambda _cb: completion_handler(result, _cb.error if isinstance(_cb.error, Exception) else None))
         cb.commit()
         return result
 
@@ -324,7 +338,9 @@ class MPSNNGraph:
         if len(batches) != len(plan.source_images):
             raise value_error("MPSNNGraph", "source_images", f"{len(batches)} sources",
                               f"match the graph's {len(plan.source_images)} source image handles {[handle_label(h) for h in self.source_image_handles]}")
-        n = len(batches[0]) if batches else 0
+        if not batches:
+            return [], [1]
+        n = len(batches[0])
         for i, b in enumerate(batches):
             if len(b) != n:
                 raise value_error("MPSNNGraph", f"source_images[{i}]", f"a batch of {len(b)}", f"have the batch length of source_images[0] ({n})")
@@ -344,6 +360,10 @@ class MPSNNGraph:
                 stacked.append(b[0])
                 continue
             first = b[0]
+            whole = _whole_parent(b)
+            if whole is not None:  # the entries are consecutive views covering one image: no copy
+                stacked.append(whole)
+                continue
             for k, img in enumerate(b):
                 if (img.width, img.height, img.feature_channels, img.feature_channel_format) != (first.width, first.height, first.feature_channels, first.feature_channel_format):
                     raise value_error("MPSNNGraph", f"source_images[{i}][{k}]",

@@ -51,6 +51,11 @@ class MPSNNBinaryArithmeticNode(MPSNNFilterNode):
 
     _kernel_class: type = MPSCNNAdd
     _gradient_node_class: "type | None" = None
+    primary_scale: float
+    secondary_scale: float
+    bias: float
+    minimum_value: float
+    maximum_value: float
     _state_node_class = MPSNNArithmeticGradientStateNode
 
     def __init__(self, left_source: MPSNNImageNode | None = None, right_source: MPSNNImageNode | None = None, *,

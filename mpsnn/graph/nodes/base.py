@@ -495,7 +495,8 @@ class UnaryFilterNode(MPSNNFilterNode):
     def _make_gradient_nodes(self, gradient_image: MPSNNImageNode) -> list["MPSNNGradientFilterNode | None"]:
         if self._gradient_class is None:
             return [None]
-        return [self._gradient_class._from_forward(self, gradient_image)]
+        cls: Any = self._gradient_class
+        return [cls._from_forward(self, gradient_image)]
 
 
 class GradientNode(MPSNNGradientFilterNode):

@@ -71,7 +71,7 @@ class MPSCNNConvolutionNode(MPSNNFilterNode, MPSNNTrainableNode):
     label when set). A data source used for training may not fuse a neuron."""
 
     _kernel_class: type = MPSCNNConvolution
-    _state_node_class = MPSCNNConvolutionGradientStateNode
+    _state_node_class: type[MPSNNStateNode] | None = MPSCNNConvolutionGradientStateNode
 
     def __init__(self, source: MPSNNImageNode, weights: MPSCNNConvolutionDataSource, padding_policy: Any = None) -> None:
         super().__init__([source], None, padding_policy)
@@ -196,7 +196,7 @@ class MPSCNNConvolutionGradientNode(MPSNNGradientFilterNode, MPSNNTrainableNode)
 
     _kernel_class: type = MPSCNNConvolutionGradient
 
-    def __init__(self, source_gradient: MPSNNImageNode, source_image: MPSNNImageNode, convolution_gradient_state: MPSNNStateNode,
+    def __init__(self, source_gradient: MPSNNImageNode, source_image: MPSNNImageNode, convolution_gradient_state: MPSNNStateNode | None,
                  weights: MPSCNNConvolutionDataSource | None = None, forward: MPSNNFilterNode | None = None) -> None:
         if convolution_gradient_state is None:
             raise MPSTypeError(f"{type(self).__name__}: `convolution_gradient_state` is required")
@@ -207,6 +207,8 @@ class MPSCNNConvolutionGradientNode(MPSNNGradientFilterNode, MPSNNTrainableNode)
             weights = getattr(forward, "_weights", None)
         self._weights = _data_source(type(self).__name__, weights)
         self._init_trainable()
+        if isinstance(forward, MPSNNTrainableNode):
+            self._training_style = forward.training_style  # the forward node's style carries over (spec §7)
 
     @property
     def weights(self) -> MPSCNNConvolutionDataSource:
