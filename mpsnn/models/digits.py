@@ -38,7 +38,8 @@ from ..graph.nodes.base import MPSNNImageNode
 from ..graph.nodes.convolution import MPSCNNConvolutionNode, MPSCNNFullyConnectedNode
 from ..graph.nodes.dropout import MPSCNNDropoutNode
 from ..graph.nodes.loss import MPSCNNLossNode
-from ..graph.nodes.neuron import MPSCNNNeuronReLUNode
+from ..datasets.mnist import MNIST_MEAN, MNIST_STD
+from ..graph.nodes.neuron import MPSCNNNeuronLinearNode, MPSCNNNeuronReLUNode
 from ..graph.nodes.pooling import MPSCNNPoolingMaxNode
 from ..graph.nodes.softmax import MPSCNNSoftMaxNode
 from ..kernels.convolution_data import MPSCNNConvolutionDataSource, MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsAndBiasesState
@@ -142,6 +143,10 @@ def make_data_sources(device: Device, *, learning_rate: float = 1e-3, init: str 
     return [DigitsDataSource(device, name, k, cin, cout, learning_rate=learning_rate, init=init, seed=seed) for name, k, cin, cout in LAYERS]
 
 
+def _normalized(x: MPSNNImageNode) -> MPSNNImageNode:
+    return MPSCNNNeuronLinearNode(x, a=1.0 / MNIST_STD, b=-MNIST_MEAN / MNIST_STD).result_image
+
+
 def _features(x: MPSNNImageNode, ds: list[DigitsDataSource]) -> MPSNNImageNode:
     pool_padding = MPSNNDefaultPadding.padding_for_tensorflow_average_pooling()
     c1 = MPSCNNConvolutionNode(x, ds[0])
@@ -163,12 +168,15 @@ def build_digits_graphs(device: Device, data_sources: list[DigitsDataSource], ba
                         graph_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float16,
                         gradient_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32,
                         label_smoothing: float = 0.0, keep_probability: float = 0.5, dropout_seed: int = 1,
-                        node_handler: Callable[..., Any] | None = None) -> DigitsGraphs:
+                        normalize_input: bool = False, node_handler: Callable[..., Any] | None = None) -> DigitsGraphs:
     """Build the sample's training graph (``training_graph`` from the loss node; its one
-    terminal is conv1's gradient node, whose result is dL/d(input)) and inference graph."""
+    terminal is conv1's gradient node, whose result is dL/d(input)) and inference graph.
+
+    ``normalize_input`` adds a linear neuron ``(x - MNIST_MEAN) / MNIST_STD`` in front of
+    conv1 in both graphs (not in the sample)."""
     ds = data_sources
     x = MPSNNImageNode(None)
-    hidden = _features(x, ds)
+    hidden = _features(_normalized(x) if normalize_input else x, ds)
     drop = MPSCNNDropoutNode(hidden, keep_probability, dropout_seed)
     f2 = MPSCNNFullyConnectedNode(drop.result_image, ds[3])
     f2.label = "fc2"
@@ -191,7 +199,7 @@ def build_digits_graphs(device: Device, data_sources: list[DigitsDataSource], ba
     training.format = graph_format
 
     xi = MPSNNImageNode(None)
-    fi = MPSCNNFullyConnectedNode(_features(xi, ds), ds[3])
+    fi = MPSCNNFullyConnectedNode(_features(_normalized(xi) if normalize_input else xi, ds), ds[3])
     fi.label = "fc2"
     inference = MPSNNGraph(device, MPSCNNSoftMaxNode(fi.result_image).result_image, True)
     inference.format = graph_format

@@ -77,6 +77,8 @@ class Recipe:
     shuffle_epoch: bool = False
     seed: int = 0
     test_batch_size: int = 500
+    keep_probability: float = 0.5
+    normalize_input: bool = False
 
     def learning_rate_at(self, iteration: int) -> float:
         if not self.decay_to_zero:
@@ -237,7 +239,8 @@ def train(recipe: Recipe, device: Device, graph_format: MPSImageFeatureChannelFo
     train_x, train_y = load_mnist("train")
     test_x, test_y = load_mnist("test", limit=test_limit)
     ds = make_data_sources(device, learning_rate=recipe.learning_rate, init=recipe.init, seed=recipe.seed)
-    graphs = build_digits_graphs(device, ds, recipe.batch_size, graph_format=graph_format, label_smoothing=recipe.label_smoothing)
+    graphs = build_digits_graphs(device, ds, recipe.batch_size, graph_format=graph_format, label_smoothing=recipe.label_smoothing,
+                                 keep_probability=recipe.keep_probability, normalize_input=recipe.normalize_input)
     rng = np.random.default_rng(recipe.seed)
     order = rng.permutation(len(train_x)) if recipe.shuffle_epoch else None
     queue = device.make_command_queue()
@@ -312,6 +315,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default: 300, or 1500 with --epoch)")
     p.add_argument("--batch-size", type=int, default=40, help="images per batch (default 40, the sample's)")
     p.add_argument("--eval-interval", type=int, default=None, help="iterations between test-set evaluations (default 100, 500 with --epoch)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-3; 2e-3 decayed to 0 with --epoch)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the loss descriptor (default 0; 0.1 with --epoch)")
+    p.add_argument("--keep-probability", type=float, default=None, help="dropout keep probability (default 0.5)")
+    p.add_argument("--init", choices=["sample", "he"], default=None, help="weight initialisation (default sample; he with --epoch)")
+    p.add_argument("--normalize-input", action="store_true", default=None, help="normalise the pixels with MNIST's mean and std in the graph")
     p.add_argument("--test-batch-size", type=int, default=500, help="digits per inference encode during evaluation (default 500; "
                    "the sample uses 40, the accuracy does not depend on it)")
     p.add_argument("--format", default="auto", choices=["auto", *sorted(FORMATS)], help="graph storage format (default auto: float16 on CUDA, float32 on CPU)")
@@ -341,6 +349,22 @@ def run(args: argparse.Namespace) -> int:
             raise value_error("train-digits", "--eval-interval", args.eval_interval, "be >= 1")
         recipe.eval_interval = args.eval_interval
     recipe.seed = args.seed
+    if args.learning_rate is not None:
+        if not 0 < args.learning_rate < 1:
+            raise value_error("train-digits", "--learning-rate", args.learning_rate, "lie in (0, 1)")
+        recipe.learning_rate = args.learning_rate
+    if args.label_smoothing is not None:
+        if not 0 <= args.label_smoothing < 1:
+            raise value_error("train-digits", "--label-smoothing", args.label_smoothing, "lie in [0, 1)")
+        recipe.label_smoothing = args.label_smoothing
+    if args.keep_probability is not None:
+        if not 0 < args.keep_probability <= 1:
+            raise value_error("train-digits", "--keep-probability", args.keep_probability, "lie in (0, 1]")
+        recipe.keep_probability = args.keep_probability
+    if args.init is not None:
+        recipe.init = args.init
+    if args.normalize_input:
+        recipe.normalize_input = True
     if not 1 <= args.test_batch_size <= 10000:
         raise value_error("train-digits", "--test-batch-size", args.test_batch_size, "be in [1, 10000]")
     recipe.test_batch_size = args.test_batch_size
