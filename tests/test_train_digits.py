@@ -102,5 +102,5 @@ def test_bad_options_are_reported(argv, name, capsys, tmp_path):
 
 def test_epoch_recipe_covers_the_training_set_once():
     r = td.EPOCH
-    assert r.iterations * r.batch_size == 60000 and r.shuffle_epoch and r.label_smoothing == 0.1
+    assert r.iterations * r.batch_size == 60000 and r.shuffle_epoch and r.init == "he" and r.decay_to_zero
     assert r.learning_rate_at(0) == r.learning_rate and r.learning_rate_at(r.iterations) == 0.0

@@ -2,8 +2,9 @@
 training (gradient graph) -> graph (kernels, encode)."""
 from __future__ import annotations
 
+from . import nodes
 from .graph import MPSNNGraph
 from .nodes import *  # noqa: F403
-from .nodes import __all__ as _nodes_all
 
-__all__ = ["MPSNNGraph", *_nodes_all]
+__all__ = ["MPSNNGraph"]
+__all__ += nodes.__all__

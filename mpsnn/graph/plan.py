@@ -8,8 +8,9 @@ Orders (deterministic, documented in :class:`~mpsnn.MPSNNGraph`):
   given), visiting a filter's source images in order, then its source states;
 * **source images / states**: in the order the execution order first reads them;
 * **intermediate images**: exported images (``export_from_graph``) in execution order, then
-  the extra results of a multi-result graph in the order given, then the first result when it
-  is itself exported;
+  the extra results of a multi-result graph in the order given (those needed or exported),
+  then the first result when it is itself exported (also when it is not needed: an exported
+  image is always delivered);
 * **result states**: exported state nodes in execution order.
 
 Pruning: a filter runs when it produces a needed result or an exported image or state, or when
@@ -178,9 +179,9 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
         if img.export_from_graph and img is not results[0] and not any(img is r for r in results[1:]):
             intermediates.append(img)
     for r, need in zip(results[1:], results_needed[1:]):
-        if need and id(r) in by_result:
+        if (need or r.export_from_graph) and id(r) in by_result:
             intermediates.append(r)
-    if results[0].export_from_graph and results_needed[0]:
+    if results[0].export_from_graph and id(results[0]) in by_result:
         intermediates.append(results[0])
     result_states = [sn for s in steps for sn in s.node._result_states or [] if sn.export_from_graph]
     return GraphPlan(steps, source_images, source_states,

@@ -33,12 +33,12 @@ from ..core.device import Device, MTLCommandBuffer
 from ..core.enums import MPSDataType, MPSImageFeatureChannelFormat
 from ..core.errors import MPSValueError, value_error
 from ..core.padding import MPSNNDefaultPadding
+from ..datasets.mnist import MNIST_MEAN, MNIST_STD
 from ..graph.graph import MPSNNGraph
 from ..graph.nodes.base import MPSNNImageNode
 from ..graph.nodes.convolution import MPSCNNConvolutionNode, MPSCNNFullyConnectedNode
 from ..graph.nodes.dropout import MPSCNNDropoutNode
 from ..graph.nodes.loss import MPSCNNLossNode
-from ..datasets.mnist import MNIST_MEAN, MNIST_STD
 from ..graph.nodes.neuron import MPSCNNNeuronLinearNode, MPSCNNNeuronReLUNode
 from ..graph.nodes.pooling import MPSCNNPoolingMaxNode
 from ..graph.nodes.softmax import MPSCNNSoftMaxNode

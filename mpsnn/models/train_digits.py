@@ -11,10 +11,13 @@ Two recipes:
   (evaluated 500 digits per inference encode by default; the sample uses 40 — the
   accuracy does not depend on it).
 * ``epoch`` (``--epoch``): one full pass over the training set in a shuffled order (1500
-  iterations of batch 40), Kaiming-uniform weights and zero biases, label smoothing 0.1 on the
-  loss descriptor, Adam with lr 2e-3 decayed linearly to 0 over the epoch (re-applied before
-  every update, as the sample re-applies its learning rate); test accuracy every 500
-  iterations.
+  iterations of batch 40), Kaiming-uniform weights and zero biases, Adam with lr 1e-3 decayed
+  linearly to 0 over the epoch (re-applied before every update, as the sample re-applies its
+  learning rate), everything else as the sample (dropout keep 0.5, no label smoothing); test
+  accuracy every 500 iterations. Measured on an H100 (float16 storage): 99.16 / 99.08 / 99.10 %
+  for seeds 0 / 1 / 2. Variants measured there and not chosen (seed 0): label smoothing 0.1
+  with lr 2e-3 98.94 %, with lr 1e-3 99.08 %; batch 32 98.76 %; keep 0.75 with lr 1e-3 99.17 %;
+  input normalisation with lr 2e-3 98.40 %.
 
 Storage format: the sample's graphs store images in float16 and gradients in float32. The
 default ``--format auto`` keeps float16 on CUDA and uses float32 on the CPU, where float16
@@ -87,8 +90,8 @@ class Recipe:
 
 
 SAMPLE = Recipe()
-EPOCH = Recipe(name="epoch", iterations=1500, eval_interval=500, init="he", learning_rate=2e-3, decay_to_zero=True,
-               label_smoothing=0.1, shuffle_epoch=True)
+EPOCH = Recipe(name="epoch", iterations=1500, eval_interval=500, init="he", learning_rate=1e-3, decay_to_zero=True,
+               shuffle_epoch=True)
 
 
 @dataclass
@@ -315,8 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default: 300, or 1500 with --epoch)")
     p.add_argument("--batch-size", type=int, default=40, help="images per batch (default 40, the sample's)")
     p.add_argument("--eval-interval", type=int, default=None, help="iterations between test-set evaluations (default 100, 500 with --epoch)")
-    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-3; 2e-3 decayed to 0 with --epoch)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the loss descriptor (default 0; 0.1 with --epoch)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-3; decayed linearly to 0 with --epoch)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the loss descriptor (default 0)")
     p.add_argument("--keep-probability", type=float, default=None, help="dropout keep probability (default 0.5)")
     p.add_argument("--init", choices=["sample", "he"], default=None, help="weight initialisation (default sample; he with --epoch)")
     p.add_argument("--normalize-input", action="store_true", default=None, help="normalise the pixels with MNIST's mean and std in the graph")

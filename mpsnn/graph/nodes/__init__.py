@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 from . import (
-                       arithmetic,
-                       base,
-                       concatenation,
-                       convolution,
-                       dropout,
-                       loss,
-                       loss_extra,
-                       neuron,
-                       normalization,
-                       pooling,
-                       reduction,
-                       resampling,
-                       softmax,
+    arithmetic,
+    base,
+    concatenation,
+    convolution,
+    dropout,
+    loss,
+    loss_extra,
+    neuron,
+    normalization,
+    pooling,
+    reduction,
+    resampling,
+    softmax,
 )
 from .arithmetic import *  # noqa: F403
 from .base import *  # noqa: F403
@@ -30,5 +30,17 @@ from .reduction import *  # noqa: F403
 from .resampling import *  # noqa: F403
 from .softmax import *  # noqa: F403
 
-__all__ = [n for m in (arithmetic, base, concatenation, convolution, dropout, loss, loss_extra, neuron, normalization, pooling,
-                       reduction, resampling, softmax) for n in m.__all__]
+__all__: list[str] = []
+__all__ += arithmetic.__all__
+__all__ += base.__all__
+__all__ += concatenation.__all__
+__all__ += convolution.__all__
+__all__ += dropout.__all__
+__all__ += loss.__all__
+__all__ += loss_extra.__all__
+__all__ += neuron.__all__
+__all__ += normalization.__all__
+__all__ += pooling.__all__
+__all__ += reduction.__all__
+__all__ += resampling.__all__
+__all__ += softmax.__all__
