@@ -54,9 +54,11 @@ def test_demo_formats_and_activations(capsys, fmt, activation):
     assert out.count(" ok\n") == 2
 
 
-def test_demo_is_the_default_command(capsys):
-    assert cli.main(["--count", "2", "--device", "cpu"]) == 0
-    assert "result: PASS" in capsys.readouterr().out
+def test_train_digits_is_the_default_command(capsys, tmp_path):
+    argv = ["--device", "cpu", "--iterations", "1", "--test-limit", "20", "--out", str(tmp_path), "--no-plot"]
+    assert cli.main(argv) == 0
+    assert "final test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "digits.safetensors").exists()
 
 
 def test_demo_fails_when_the_check_fails(capsys, monkeypatch):
