@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup.sh | tail -n 1)
-exec "$PY" -m mpsnn "${@:-demo}"
+exec "$PY" -m mpsnn "${@:-train-digits}"
