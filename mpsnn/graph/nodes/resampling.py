@@ -45,7 +45,7 @@ from ...core.errors import MPSTypeError, value_error
 from ...core.structs import MPSImageCoordinate, MTLSize
 from ...images.image import MPSImageDescriptor
 from ...kernels.resampling import MPSImageBilinearScale, MPSImageLanczosScale, MPSScaleTransform
-from ...kernels.reshape import MPSNNPad, MPSNNPadGradient, MPSNNReshape, MPSNNReshapeGradient
+from ...kernels.reshape import MPSNNPad, MPSNNPadGradient, MPSNNReshape, MPSNNReshapeGradient, _coordinate
 from ...kernels.upsampling import (
     MPSCNNUpsamplingBilinear,
     MPSCNNUpsamplingBilinearGradient,
@@ -341,16 +341,6 @@ class MPSNNPadGradientNode(GradientNode):
 
     def _build_kernel(self, device: Device) -> Any:
         return MPSNNPadGradient(device)
-
-
-def _coordinate(owner: str, name: str, value: Any) -> MPSImageCoordinate:
-    if not isinstance(value, MPSImageCoordinate):
-        raise MPSTypeError(f"{owner}: `{name}` must be an MPSImageCoordinate, but got {type(value).__name__}")
-    for f in ("x", "y", "channel"):
-        v = getattr(value, f)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise value_error(owner, f"{name}.{f}", v, "be a non-negative integer")
-    return value
 
 
 class MPSNNPadNode(UnaryFilterNode):
