@@ -155,6 +155,18 @@ def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
     return False
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def cpu_float32(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """On the CPU, 16-bit operands are convolved in float32 (oneDNN's float16 convolutions run
+    ~4x slower than float32 on x86 CPUs; float32 accumulation with one rounding of the result
+    is also the more accurate of the two). CUDA tensors are returned unchanged."""
+    if not any(t is not None and t.device.type == "cpu" and t.dtype in _HALF for t in ts):
+        return ts
+    return tuple(None if t is None else t.float() for t in ts)
+
+
 class Conv2dPlan:
     """A forward convolution worked out once for a geometry, run many times.
 
@@ -191,6 +203,7 @@ class Conv2dPlan:
             xs = F.pad(xs, self.explicit)
         if not xs.is_contiguous(memory_format=torch.channels_last):
             xs = xs.contiguous(memory_format=torch.channels_last)
+        xs, w_oihw, bias = cpu_float32(xs, w_oihw, bias)  # type: ignore[assignment]
         with tf32(self.allow_tf32, x):
             y = F.conv2d(xs, w_oihw, bias, self.stride, self.pad, self.dilation, self.groups)
         o.copy_(y[:, :, self.skip_y:self.skip_y + self.out_h, self.skip_x:self.skip_x + self.out_w])
@@ -225,9 +238,10 @@ def conv2d_nhwc(x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None
     :func:`plan_conv2d` for the planned one that writes a destination directly)."""
     winx, winy = windows(w_oihw, dilation)
     xs, px, py, _ = _span(x, left, top, out_w, out_h, stride[0], stride[1], winx, winy, edge_mode)
+    xs32, w32, b32 = cpu_float32(xs, w_oihw, bias)
     with tf32(allow_tf32, x):
-        y = F.conv2d(xs, w_oihw, bias, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)
-    y = y[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w]
+        y = F.conv2d(xs32, w32, b32, (stride[1], stride[0]), (py.pad, px.pad), (dilation[1], dilation[0]), groups)  # type: ignore[arg-type]
+    y = y[:, :, py.skip:py.skip + out_h, px.skip:px.skip + out_w].to(x.dtype)
     return y.permute(0, 2, 3, 1)
 
 
@@ -279,12 +293,15 @@ class Conv2dBackwardPlan:
                 self.data_weights = None  # no cuDNN `out=` form in this build
         gw = None
         if need_data or self.need_weights:
+            en32, x32, w32 = cpu_float32(en, x.permute(0, 3, 1, 2), w_oihw)
             with tf32(self.allow_tf32, x):
                 gi, gw, _ = torch.ops.aten.convolution_backward.default(
-                    en, x.permute(0, 3, 1, 2), w_oihw, None, self.stride, self.pad, self.dilation, False, [0, 0], self.groups,
+                    en32, x32, w32, None, self.stride, self.pad, self.dilation, False, [0, 0], self.groups,
                     [need_data, self.need_weights, False])
             if need_data:
-                dx = gi.permute(0, 2, 3, 1)
+                dx = gi.permute(0, 2, 3, 1).to(en.dtype)
+            if gw is not None:
+                gw = gw.to(en.dtype)
         return dx, (gw if self.need_weights else None), (bias_gradient(e) if self.need_bias else None)
 
 
@@ -343,10 +360,15 @@ def conv2d_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_oihw: torch.Tensor,
         en = en.contiguous(memory_format=torch.channels_last)
     gi = gw = None
     if need_data or need_weights:
+        en32, xs32, w32 = cpu_float32(en, xs, w_oihw)
         with tf32(allow_tf32, x):
             gi, gw, _ = torch.ops.aten.convolution_backward(
-                en, xs, w_oihw, None, [stride[1], stride[0]], [py.pad, px.pad], [dilation[1], dilation[0]],
+                en32, xs32, w32, None, [stride[1], stride[0]], [py.pad, px.pad], [dilation[1], dilation[0]],
                 False, [0, 0], groups, [need_data, need_weights, False])
+        if gi is not None:
+            gi = gi.to(en.dtype)
+        if gw is not None:
+            gw = gw.to(en.dtype)
     gb = bias_gradient(e) if need_bias else None
     dx = None
     if need_data:
@@ -467,17 +489,19 @@ def _crop_or_zero(y: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Te
 def fully_connected_nhwc(x: torch.Tensor, w_ohwi: torch.Tensor, bias: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
     """Inner product of each whole image ``[N, H, W, C]`` with OHWI weights -> ``[N, 1, 1, Cout]``."""
     n = x.shape[0]
+    x32, w32, b32 = cpu_float32(x, w_ohwi, bias)
     with tf32(allow_tf32, x):
-        y = F.linear(x.reshape(n, -1), w_ohwi.reshape(w_ohwi.shape[0], -1), bias)
-    return y.view(n, 1, 1, -1)
+        y = F.linear(x32.reshape(n, -1), w32.reshape(w_ohwi.shape[0], -1), b32)  # type: ignore[union-attr]
+    return y.to(x.dtype).view(n, 1, 1, -1)
 
 
 def fully_connected_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_ohwi: torch.Tensor, allow_tf32: bool, need_data: bool,
                                   need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     n = x.shape[0]
-    e2 = e.reshape(n, -1)
+    e32, x32, w32 = cpu_float32(e, x, w_ohwi)
+    e2 = e32.reshape(n, -1)  # type: ignore[union-attr]
     with tf32(allow_tf32, x):
-        dx = (e2 @ w_ohwi.reshape(w_ohwi.shape[0], -1)).view(x.shape) if need_data else None
-        dw = (e2.t() @ x.reshape(n, -1)).view(w_ohwi.shape) if need_weights else None
-    db = e2.sum(0) if need_bias else None
+        dx = (e2 @ w32.reshape(w_ohwi.shape[0], -1)).view(x.shape).to(e.dtype) if need_data else None  # type: ignore[union-attr]
+        dw = (e2.t() @ x32.reshape(n, -1)).view(w_ohwi.shape).to(e.dtype) if need_weights else None  # type: ignore[union-attr]
+    db = e.reshape(n, -1).sum(0) if need_bias else None
     return dx, dw, db

@@ -28,6 +28,8 @@ Numerics and decisions:
   bias is added and before a fused neuron runs (so up to three roundings instead of one, each
   within the format's precision; measured excess over one rounding: 1.2e-3 relative for
   float16, 9.6e-3 for bfloat16).
+  On the CPU, 16-bit images are convolved in float32 and rounded once on store
+  (:func:`mpsnn.backends.convolution.cpu_float32`: faster there, and one rounding).
 * The gradient kernel ignores the fused neuron and batch norm (they are not differentiated,
   §11.3) and uses the unfolded weights. ``E`` is read from the incoming gradient image at the
   forward clip rectangle's origin when that image has the forward destination's size, else

@@ -19,9 +19,9 @@ Two recipes:
   with lr 2e-3 98.94 %, with lr 1e-3 99.08 %; batch 32 98.76 %; keep 0.75 with lr 1e-3 99.17 %;
   input normalisation with lr 2e-3 98.40 %.
 
-Storage format: the sample's graphs store images in float16 and gradients in float32. The
-default ``--format auto`` keeps float16 on CUDA and uses float32 on the CPU, where float16
-convolutions run about 4x slower (the result is the same network and recipe).
+Storage format: as in the sample, the graphs store images in float16 and gradients in float32
+(``--format`` changes the former; on the CPU the convolutions of 16-bit images compute in
+float32, see :func:`mpsnn.backends.convolution.cpu_float32`).
 
 Batches: the sample draws ``floor(rand_r() / RAND_MAX * 60000)`` per image; the C library's
 generator is not portable, so indices come from ``numpy.random.default_rng(seed)`` (uniform
@@ -194,11 +194,9 @@ def evaluate(graphs: DigitsGraphs, device: Device, images: np.ndarray, labels: n
     return 100.0 * correct / len(images)
 
 
-def resolve_format(name: str, device: Device) -> MPSImageFeatureChannelFormat:
-    if name == "auto":
-        return F.float16 if device.is_cuda else F.float32
+def resolve_format(name: str) -> MPSImageFeatureChannelFormat:
     if name not in FORMATS:
-        raise value_error("train-digits", "--format", name, f"be auto or one of {sorted(FORMATS)}")
+        raise value_error("train-digits", "--format", name, f"be one of {sorted(FORMATS)}")
     return FORMATS[name]
 
 
@@ -325,7 +323,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize-input", action="store_true", default=None, help="normalise the pixels with MNIST's mean and std in the graph")
     p.add_argument("--test-batch-size", type=int, default=500, help="digits per inference encode during evaluation (default 500; "
                    "the sample uses 40, the accuracy does not depend on it)")
-    p.add_argument("--format", default="auto", choices=["auto", *sorted(FORMATS)], help="graph storage format (default auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--format", default="float16", choices=sorted(FORMATS), help="graph storage format of the images (default float16, the sample's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch sampler and the weight initialisation (default 0)")
     p.add_argument("--out", default="runs/train-digits", help="folder for digits.safetensors, digits_training.png and history.json (default runs/train-digits)")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test digits only (default: all 10000)")
@@ -374,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     if args.test_limit is not None and not 1 <= args.test_limit <= 10000:
         raise value_error("train-digits", "--test-limit", args.test_limit, "be in [1, 10000]")
     device = Device(args.device) if args.device else default_device()
-    fmt = resolve_format(args.format, device)
+    fmt = resolve_format(args.format)
     out = Path(args.out) if args.out else None
     hist = train(recipe, device, fmt, out, test_limit=args.test_limit, plot=not args.no_plot)
     if not hist.accuracies:
