@@ -48,11 +48,10 @@ _F = MPSImageFeatureChannelFormat
 class _NodeAllocator(MPSImageAllocator):
     """Makes one step's result image in the format the graph decided, pooled or not."""
 
-    __slots__ = ("fmt", "temporary", "read_count", "user", "made")
+    __slots__ = ("fmt", "temporary", "read_count", "user")
 
     def __init__(self, fmt: MPSImageFeatureChannelFormat, temporary: bool, read_count: int, user: MPSImageAllocator | None) -> None:
         self.fmt, self.temporary, self.read_count, self.user = fmt, temporary, read_count, user
-        self.made: list[MPSImage] = []
 
     def image_for_command_buffer(self, command_buffer: MTLCommandBuffer, image_descriptor: MPSImageDescriptor, kernel: Any) -> MPSImage:
         d = MPSImageDescriptor._trusted(self.fmt, image_descriptor.width, image_descriptor.height,
@@ -65,22 +64,20 @@ class _NodeAllocator(MPSImageAllocator):
                 img.read_count = self.read_count
         else:
             img = MPSImage(command_buffer.device, d)
-        self.made.append(img)
         return img
 
 
 class _EncodeContext:
     """What a node's ``_encode`` gets besides its kernel and inputs."""
 
-    __slots__ = ("graph", "command_buffer", "allocator", "want_states", "step", "encode_index", "kernels", "states_of")
+    __slots__ = ("graph", "command_buffer", "allocator", "want_states", "step", "encode_index", "kernels")
 
     def __init__(self, graph: "MPSNNGraph", cb: MTLCommandBuffer, allocator: _NodeAllocator, step: PlannedStep,
-                 encode_index: int, kernels: dict[int, Any], states_of: dict[int, Any]) -> None:
+                 encode_index: int, kernels: dict[int, Any]) -> None:
         self.graph, self.command_buffer, self.allocator, self.step = graph, cb, allocator, step
         self.want_states = step.want_states
         self.encode_index = encode_index
         self.kernels = kernels
-        self.states_of = states_of
 
     def kernel_of(self, node: MPSNNFilterNode) -> Any:
         """The kernel this graph built for ``node`` (e.g. a gradient node's forward)."""
@@ -94,9 +91,6 @@ class _EncodeContext:
                                     f"but got a batch of {len(state)} states")
             return state[0]
         return state
-
-    def image_format(self, node: MPSNNImageNode) -> MPSImageFeatureChannelFormat:
-        return node.format or self.graph.format
 
 
 def _wrap(node: MPSNNFilterNode, err: MPSError) -> MPSError:
@@ -415,19 +409,18 @@ class MPSNNGraph:
         values: dict[int, MPSImage] = {id(n): img for n, img in zip(plan.source_images, stacked)}
         svalues: dict[int, Any] = {id(n): list(b) for n, b in zip(plan.source_states, source_states or [])}
         last = plan.last_reader()
-        results_by_id = {id(r): k for k, r in enumerate(plan.results)}
         kept: dict[int, MPSImage] = {}
         for step in plan.steps:
             node = step.node
             rnode = node._result_image
             temporary = not step.keep_result and rnode.image_allocator is MPSTemporaryImage.default_allocator
             user = None
-            if id(rnode) in results_by_id:
+            if step.is_result:
                 user = self._allocator if self._allocator is not MPSImage.default_allocator else None
             elif rnode.image_allocator is not MPSTemporaryImage.default_allocator:
                 user = rnode.image_allocator
             alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, step.result_reads, user)
-            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels, svalues)
+            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels)
             images = [values[id(n)] for n in node._source_images]
             states = [svalues[id(s)] for s in node._source_states]
             try:

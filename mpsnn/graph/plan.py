@@ -38,6 +38,8 @@ class PlannedStep:
     want_states: bool = False
     #: the result stays valid after the graph (a result or exported image): not temporary
     keep_result: bool = False
+    #: the result image is one of the graph's results
+    is_result: bool = False
     #: indices of the steps that read the result image
     readers: list[int] = field(default_factory=list)
 
@@ -54,14 +56,12 @@ class GraphPlan:
     results_needed: list[bool]
     intermediate_images: list[MPSNNImageNode]
     result_states: list[MPSNNStateNode]
+    #: id(image node) -> index of the last step reading it, computed once by make_plan
+    _last_reader: dict[int, int] = field(default_factory=dict)
 
     def last_reader(self) -> dict[int, int]:
         """id(image node) -> index of the last step reading it (lifetime end)."""
-        last: dict[int, int] = {}
-        for st in self.steps:
-            for img in st.node._source_images:
-                last[id(img)] = st.index
-        return last
+        return self._last_reader
 
 
 def _inputs(node: MPSNNFilterNode) -> list[MPSNNFilterNode]:
@@ -166,12 +166,16 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
                 state_reads[id(st)] = state_reads.get(id(st), 0) + 1
             else:
                 prod.want_states = True
+    last: dict[int, int] = {}
     for s in steps:
         if any(sn.export_from_graph for sn in s.node._result_states or []):
             s.want_states = True
         img = s.node._result_image
-        if img.export_from_graph or any(img is r for r in results):
+        s.is_result = any(img is r for r in results)
+        if img.export_from_graph or s.is_result:
             s.keep_result = True
+        for src in s.node._source_images:
+            last[id(src)] = s.index
 
     intermediates: list[MPSNNImageNode] = []
     for s in steps:
@@ -186,4 +190,4 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
     result_states = [sn for s in steps for sn in s.node._result_states or [] if sn.export_from_graph]
     return GraphPlan(steps, source_images, source_states,
                      [img_reads[id(i)] for i in source_images], [state_reads[id(s)] for s in source_states],
-                     list(results), list(results_needed), intermediates, result_states)
+                     list(results), list(results_needed), intermediates, result_states, last)

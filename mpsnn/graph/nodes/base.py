@@ -24,7 +24,7 @@ import itertools
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ...core.enums import MPSImageFeatureChannelFormat, MPSNNPaddingMethod, MPSNNTrainingStyle
-from ...core.errors import MPSError, MPSTypeError, MPSValueError, value_error
+from ...core.errors import MPSTypeError, MPSValueError, value_error
 from ...core.padding import MPSNNDefaultPadding, MPSNNPadding, as_padding
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -530,5 +530,3 @@ __all__ = [
     "MPSNNStateNode",
     "MPSNNTrainableNode",
 ]
-
-_ = MPSError  # re-exported for node modules

@@ -33,6 +33,13 @@ def _size(owner: str, name: str, v: Any) -> int:
     return v
 
 
+def _clamp_then_pad(node: MPSNNFilterNode, kernel: Any) -> None:
+    """Before each encode: edge mode clamp (the pooling nodes' default), then the padding
+    policy, whose custom hook may change the edge mode again."""
+    kernel.edge_mode = MPSImageEdgeMode.clamp
+    kernel.padding = node.padding_policy
+
+
 class MPSCNNPoolingGradientNode(GradientNode):
     """``MPSCNNPoolingGradientNode(source_gradient, source_image, gradient_state, kernel_width,
     kernel_height, stride_in_pixels_x, stride_in_pixels_y, padding_policy=None)``: abstract;
@@ -139,13 +146,10 @@ class MPSCNNPoolingNode(UnaryFilterNode):
     stride_in_pixels_y = property(lambda self: self._sy)
 
     def _build_kernel(self, device: Device) -> Any:
-        k = self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
-        k.edge_mode = MPSImageEdgeMode.clamp
-        return k
+        return self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
 
     def _apply_padding(self, kernel: Any) -> None:
-        kernel.edge_mode = MPSImageEdgeMode.clamp
-        kernel.padding = self._padding
+        _clamp_then_pad(self, kernel)
 
 
 class MPSCNNPoolingMaxNode(MPSCNNPoolingNode):
@@ -207,12 +211,10 @@ class MPSCNNDilatedPoolingMaxNode(UnaryFilterNode):
     dilation_rate_y = property(lambda self: self._dy)
 
     def _build_kernel(self, device: Device) -> Any:
-        k = MPSCNNDilatedPoolingMax(device, self._kw, self._kh, self._dx, self._dy, self._sx, self._sy)
-        return k
+        return MPSCNNDilatedPoolingMax(device, self._kw, self._kh, self._dx, self._dy, self._sx, self._sy)
 
     def _apply_padding(self, kernel: Any) -> None:
-        kernel.edge_mode = MPSImageEdgeMode.clamp
-        kernel.padding = self._padding
+        _clamp_then_pad(self, kernel)
 
 
 __all__ = [
