@@ -2,7 +2,10 @@
 
 Subcommands:
 
-* ``demo`` (the default): real MNIST digits through a chain of MPSCNN kernels, forward and
+* ``train-digits`` (the default, the main job): :mod:`mpsnn.models.train_digits`.
+* ``run MODEL.onnx --input FILE``: an ONNX model through :func:`mpsnn.io.onnx.load` on .npy
+  arrays or images; prints / saves the outputs (:mod:`mpsnn.io.onnx.run`).
+* ``demo``: real MNIST digits through a chain of MPSCNN kernels, forward and
   backward, on one command buffer, checked against NumPy. Options: ``--device`` (default
   :func:`mpsnn.default_device`), ``--count N`` (digits, default 256), ``--format
   float32|float16|bfloat16`` (storage of every image the chain writes, default float32),
@@ -356,13 +359,13 @@ def demo(args: argparse.Namespace) -> int:
 
 
 # -- entry point ------------------------------------------------------------------------------------
-COMMANDS = ("train-digits", "demo")
+COMMANDS = ("train-digits", "demo", "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpsnn", description="Apple's MPS neural-network API on NVIDIA GPUs and CPUs.")
     parser.add_argument("--version", action="version", version=f"mpsnn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train-digits,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train-digits,demo,run}")
     from .models import train_digits
     t = sub.add_parser("train-digits", help="train Apple's MNIST digit classifier through MPSNNGraph (the main job, default)",
                        description="Apple's digit-classifier training sample through the public MPSNNGraph API: train, report the "
@@ -379,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--activation", choices=("gelu", "sigmoid"), default="gelu", help="activation after the ReLU (default gelu)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random upstream gradient (default 0)")
     d.set_defaults(run=demo)
+    from .io.onnx import run as onnx_run
+    r = sub.add_parser("run", help="run an ONNX model on a .npy array or an image and print / save its outputs",
+                       description="Load an ONNX model into an MPSNNGraph (mpsnn.io.onnx.load), run it on .npy arrays or images, "
+                                   "print every output (top-K classes of classifiers) and optionally save them to .npz.")
+    onnx_run.add_arguments(r)
+    r.set_defaults(run=onnx_run.run)
     return parser
 
 
