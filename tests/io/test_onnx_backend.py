@@ -145,8 +145,6 @@ EXCLUDE: dict[str, str] = {
     r"^test_slice_(cpu|default_axes|default_steps|neg_steps|negative_axes)":
         "Slice of dimension 0 (the batch): MPS moves data within images",
     # -- the operator has no MPS kernel for this variant --
-    r"^test_arg(max|min)_.*_select_last_index_":
-        "select_last_index=1: MPS's arg reductions resolve ties to the lowest index",
     r"^test_arg(max|min)_(default_axis_(example|random)|negative_axis_keepdims_random)_":
         "ArgMax / ArgMin over dimension 0 or the last axis of a rank-3 tensor: MPS's arg reductions run over the feature channels",
     r"^test_(log)?softmax_(axis_0|axis_2|default_axis|negative_axis)_(cpu|cuda)$":

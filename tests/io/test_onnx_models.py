@@ -563,14 +563,18 @@ def test_exported_models_use_the_operators_they_claim() -> None:
     pytest.param("squeezenet", 9, id="squeezenet-9"),
     pytest.param("unet_resize", 9, id="unet_resize-9"),
     pytest.param("unet_resize", 10, id="unet_resize-10"),
+    # opsets 7 and 8 (the ONNX model zoo's classic CNNs): Unsqueeze / Squeeze with attributes,
+    # folded with the operator version of the model's opset
+    *(pytest.param(name, opset, id=f"{name}-{opset}") for opset in (7, 8)
+      for name in ("resnet_bottleneck", "mobilenet_v2", "shuffle_v1", "shufflenet_v2", "inception", "norms", "activations", "unet_transposed")),
 ])
 def test_opset_edges(name: str, opset: int) -> None:
-    """The oldest opset the importer accepts (Clip with attributes, Softmax over the flattened
-    axes, HardSigmoid * x for Hardswish, Upsample), opset 10 (Resize with scales only) and
-    opset 14 (HardSwish as one operator)."""
+    """Opsets 7 and 8 (the oldest the importer accepts), 9 (Clip with attributes, Softmax over
+    the flattened axes, HardSigmoid * x for Hardswish, Upsample), 10 (Resize with scales only)
+    and 14 (HardSwish as one operator)."""
     make, shape, outs = MODELS[name]
     x = _input(shape)
-    data = export(make(), torch.from_numpy(x), opset, opset != 9, output_names=outs)
+    data = export(make(), torch.from_numpy(x), opset, opset > 9, output_names=outs)
     assert onnx.load_from_string(data).opset_import[0].version == opset
     check(data, {"x": x})
 

@@ -600,3 +600,20 @@ def test_prefix_gather_batch_one(case: str) -> None:
     else:
         m = resize(13, x.shape, sizes=[1, 3, 1, 1], mode="nearest", coordinate_transformation_mode="asymmetric")
     check(m, x, tol=0.0)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("opset", [7, 8])
+def test_upsample_with_scales_attribute_matches_onnxruntime(mode: str, opset: int) -> None:
+    """Upsample-7 / -8 give the scales as an attribute (Upsample-9 reads input 1)."""
+    x = rand(2, 3, 4, 5)
+    node = h.make_node("Upsample", ["x"], ["y"], mode=mode, scales=[1.0, 1.0, 2.0, 3.0])
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, x.shape)],
+                          [h.make_tensor_value_info("y", T.FLOAT, (2, 3, 8, 15))])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 7
+    data = m.SerializeToString()
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = mo.load(data, device="cpu").predict({"x": x})["y"]
+    assert got.shape == ref.shape == (2, 3, 8, 15)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

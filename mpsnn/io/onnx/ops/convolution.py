@@ -118,15 +118,22 @@ def _fuse(imp: Any, node: Any, desc: Any, cout: int) -> Any:
             desc.set_batch_normalization_parameters_for_inference(mean=m, variance=v, gamma=g, beta=b, epsilon=float(eps))
             imp.done.add(id(bn))
             last = bn
-    act = imp.only_consumer(last.output[0], FUSABLE_ACTIVATIONS)
-    if act is not None:
-        from ..importer import attributes
-        nd = neuron_descriptor(imp, act, attributes(act))
-        if nd is not None and nd.neuron_type != NT.pReLU:
-            desc.fused_neuron_descriptor = nd
-            imp.done.add(id(act))
-            last = act
-    return last
+    return _fuse_activation(imp, last, desc)
+
+
+def _fuse_activation(imp: Any, node: Any, desc: Any) -> Any:
+    """Make an activation that alone reads ``node``'s result and is one neuron the fused neuron
+    of ``desc``; returns the ONNX node whose output the layer now produces."""
+    act = imp.only_consumer(node.output[0], FUSABLE_ACTIVATIONS)
+    if act is None:
+        return node
+    from ..importer import attributes
+    nd = neuron_descriptor(imp, act, attributes(act))
+    if nd is None or nd.neuron_type == NT.pReLU:
+        return node
+    desc.fused_neuron_descriptor = nd
+    imp.done.add(id(act))
+    return act
 
 
 def _conv_check(a: dict[str, Any], opset: int) -> str | None:
@@ -274,16 +281,7 @@ def _fully_connected(imp: Any, node: Any, x: Value, wt: np.ndarray, bias: np.nda
         img = imp.image(x, node)
     order = (0, 3, 2, 1) if cd.FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else (0, 2, 3, 1)
     desc = cd.MPSCNNConvolutionDescriptor(w, h, c, nout)
-    last = node
-    if node.op_type == "Gemm" or bias is not None:
-        act = imp.only_consumer(node.output[0], FUSABLE_ACTIVATIONS)
-        if act is not None:
-            from ..importer import attributes
-            nd = neuron_descriptor(imp, act, attributes(act))
-            if nd is not None and nd.neuron_type != NT.pReLU:
-                desc.fused_neuron_descriptor = nd
-                imp.done.add(id(act))
-                last = act
+    last = _fuse_activation(imp, node, desc)
     ds = cd.ConvolutionDataSource(desc, np.ascontiguousarray(w4.transpose(order)), bias, label=node.name or None)
     n = MPSCNNFullyConnectedNode(img, ds)
     n.label = node.name or None
@@ -319,7 +317,7 @@ def matmul(imp: Any, node: Any, a: dict[str, Any]) -> None:
 def _bn_check(a: dict[str, Any], opset: int) -> str | None:
     if int(a.get("training_mode", 0)):
         return "training_mode=1 (imported graphs run inference)"
-    if opset < 7 and int(a.get("spatial", 1)) == 0:
+    if opset < 9 and int(a.get("spatial", 1)) == 0:
         return "spatial=0"
     return None
 

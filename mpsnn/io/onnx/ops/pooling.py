@@ -18,7 +18,8 @@ Max / Min / Sum and ArgMax / ArgMin.
   reduced axis (row = over the width, column = over the height); the batch axis cannot be
   reduced. ``keepdims=0`` only drops dimensions (no data moves).
 * **ArgMax / ArgMin** over the channel axis -> ``MPSNNReductionFeatureChannelsArgument{Max,Min}Node``
-  (ties give the lowest index, ONNX's ``select_last_index=0``); the result is int64.
+  (ties give the lowest index, ONNX's ``select_last_index=0``; ``select_last_index=1`` reverses
+  the channels first and maps the index back); the result is int64.
 """
 from __future__ import annotations
 
@@ -26,13 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from ....core.enums import MPSImageEdgeMode
+from ....core.enums import MPSCNNNeuronType, MPSImageEdgeMode
 from ....core.errors import MPSValueError
 from ....core.structs import MPSImageCoordinate
 from ....graph.nodes import pooling as pn
 from ....graph.nodes import reduction as rn
+from ....graph.nodes.neuron import MPSCNNNeuronNode
 from ....graph.nodes.resampling import MPSNNPadNode
+from ....kernels.neuron import MPSNNNeuronDescriptor
 from ..layout import Value
+from ..nodes import RelayoutNode, channel_gather
 from ..padding import ONNXPadding
 from .convolution import _geometry
 from .registry import ints, op, string
@@ -223,14 +227,11 @@ def _std(rank: int) -> tuple[str, ...]:
     return ax
 
 
-def _arg_check(a: dict[str, Any], opset: int) -> str | None:
-    if int(a.get("select_last_index", 0)):
-        return "select_last_index=1 (MPS resolves ties to the lowest index)"
-    return None
-
-
-@op("ArgMax", "ArgMin", check=_arg_check)
+@op("ArgMax", "ArgMin")
 def arg_reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
+    """``select_last_index=1``: the channels are reversed first (a gather), the lowest index of
+    the reversed channels is found, and ``C - 1 - index`` (a linear neuron, exact for indices
+    below 2**24 in float32) is the highest index of the original channels."""
     x = imp.inp(node, 0)
     axis = int(a.get("axis", 0))
     axis = axis + x.rank if axis < 0 else axis
@@ -238,9 +239,19 @@ def arg_reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
     if _std(x.rank)[axis] != "c":
         raise MPSValueError(f"{_d(node)}: axis {a.get('axis', 0)} of shape {x.shape} is not the channel axis; MPS's arg "
                             "reductions run over the feature channels")
+    last = bool(int(a.get("select_last_index", 0)))
+    c = x.shape[axis]
+    if last:
+        if c is None:
+            raise MPSValueError(f"{_d(node)}: select_last_index=1 needs the channel count at load time")
+        rev = RelayoutNode(img, channel_gather(np.arange(c)[::-1].copy()), f"{node.name or node.op_type}: reversed channels")
+        img = rev.result_image
     cls = rn.MPSNNReductionFeatureChannelsArgumentMaxNode if node.op_type == "ArgMax" else rn.MPSNNReductionFeatureChannelsArgumentMinNode
-    n = cls(img)
+    n: Any = cls(img)
     n.label = node.name or None
+    if last:
+        n = MPSCNNNeuronNode(n.result_image, MPSNNNeuronDescriptor(MPSCNNNeuronType.linear, -1.0, float(c - 1)))
+        n.label = f"{node.name or node.op_type}: index in the original order"
     std = list(_std(x.rank))
     if int(a.get("keepdims", 1)):
         shape = tuple(1 if k == axis else s for k, s in enumerate(x.shape))

@@ -181,7 +181,8 @@ def _resize_axes(imp: Any, node: Any, a: dict[str, Any], x: Value, legacy: bool)
     scales: np.ndarray | None
     sizes: np.ndarray | None
     if legacy:
-        scales = np.asarray(imp.const(node, 1, "scales")).reshape(-1)
+        # Upsample-7 and -8 give the scales as an attribute, Upsample-9 and Resize-10 as input 1
+        scales = np.asarray(a["scales"] if "scales" in a else imp.const(node, 1, "scales"), np.float32).reshape(-1)
         sizes = None
     else:
         scales = _const_or_none(imp, node, 2, "scales")
