@@ -201,7 +201,7 @@ def page(suite: Any, results: dict[str, tuple[str, str]]) -> str:
     import onnx
 
     from mpsnn.io.onnx import importer, layout
-    from mpsnn.io.onnx.ops import convolution, elementwise, pooling, resize, shape
+    from mpsnn.io.onnx.ops import composite, convolution, elementwise, pooling, resize, shape
 
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     failed = sorted(n for n, (s, _) in results.items() if s == "FAIL")
@@ -219,7 +219,8 @@ def page(suite: Any, results: dict[str, tuple[str, str]]) -> str:
         "",
     ]
     for title, module in (("Element-wise operators", elementwise), ("Layers with weights", convolution),
-                          ("Pooling and reductions", pooling), ("Data movement", shape), ("Resampling and slicing", resize)):
+                          ("Pooling and reductions", pooling), ("Data movement", shape), ("Resampling and slicing", resize),
+                          ("Composite operators", composite)):
         out += [f"### {title} (`{module.__name__.split('.')[-1]}.py`)", "", rst_to_md(module.__doc__ or ""), ""]
     out += ["### Folded at load time (`importer.py`)", "", rst_to_md(importer.__doc__ or ""), "",
             "## Layout and batch rules (`layout.py`)", "", rst_to_md(layout.__doc__ or ""), "",

@@ -219,9 +219,26 @@ class Importer:
         self.values[value.name] = out
         return out
 
-    def _emit_pending(self, p: Pending, name: str, shape: Sequence[Any], node: Any) -> Value:
+    def image_in_axes(self, value: Value, node: Any, axes: Sequence[Any]) -> MPSNNImageNode:
+        """The image node holding ``value`` with the given axes (one per ONNX dimension), for
+        operators that need a particular dimension on the channels (MatMul and
+        LayerNormalization over the last dimension). Free when the value is already held so,
+        or when its pending movements keep the NHWC order (a Transpose (0, 2, 3, 1) of an
+        (N, C, H, W) image is that image with axes n, h, w, c); else one gather."""
+        axes = tuple(axes)
+        if value.const is not None:
+            return self.constant_image(onnx_to_nhwc(value.const.astype(np.float32), axes), None, node)
+        if value.pending is None and value.axes == axes:
+            assert value.node is not None
+            return value.node
+        p = value.pending if value.pending is not None else Pending(value)
+        out = self._emit_pending(p, value.name + ":axes", value.shape, node, axes)
+        assert out.node is not None
+        return out.node
+
+    def _emit_pending(self, p: Pending, name: str, shape: Sequence[Any], node: Any, axes: Sequence[Any] | None = None) -> Value:
         src = p.source
-        ax = standard_axes(len(shape))
+        ax = standard_axes(len(shape)) if axes is None else tuple(axes)
         if ax is None:
             raise MPSValueError(f"{describe(node)}: {'/'.join(p.what) or 'relayout'} gives {name!r} rank {len(shape)}; "
                                 "only tensors of rank 1 to 4 can be images")
@@ -244,7 +261,7 @@ class Importer:
         sdims = src.image_dims()
         whole = int(np.prod([b0 if a == "n" else int(sdims[a]) for a in IMAGE_AXES]))
         same_order = idx0.size == whole and np.array_equal(idx0.reshape(-1), np.arange(idx0.size))
-        if same_order and idx0.shape[0] == b0 and "n" in (src.axes or ()) and (src.axes or ())[0] == "n":
+        if same_order and idx0.shape[0] == b0 and "n" in (src.axes or ()) and (src.axes or ())[0] == "n" and ax and ax[0] == "n":
             n, h, w, c = idx0.shape
             if (h, w, c) == (sdims["h"], sdims["w"], sdims["c"]):
                 return Value(name, tuple(shape), src.dtype, node=src_img, axes=ax)
@@ -309,6 +326,7 @@ class Importer:
         # later node's (a Constant folded early then made a later Constant count as done); this
         # list keeps every wrapper alive, so each node keeps one id for the whole import
         self.nodes = list(g.node)
+        self.producers = {name: node for node in self.nodes for name in node.output if name}
         # Constant nodes have no inputs: fold them first, so a fusion that looks ahead (a Clip's
         # bounds read while its Conv is mapped) finds them even when the exporter wrote them
         # after the node that looks

@@ -18,6 +18,9 @@ BatchNormalization, InstanceNormalization, GroupNormalization and LRN.
   ``output_shape``, ``auto_pad``); ONNX's ``(Cin, Cout/g, kH, kW)`` weights are turned 180
   degrees (MPS correlates the zero-inserted source with the weights as given) and stored
   ``[Cout][kH][kW][Cin/g]``.
+* **MatMul of a rank-3/4 tensor** by a constant (K, M) matrix -> a 1 x 1 ``MPSCNNConvolutionNode``
+  over the image that holds the last dimension on its channels (free after the Transpose
+  (0, 2, 3, 1) of channels-last blocks such as ConvNeXt's), with a following constant Add as bias.
 * **Gemm / MatMul** -> ``MPSCNNFullyConnectedNode``: ``alpha·B`` (``Bᵀ`` unless ``transB``)
   becomes the weights, ``beta·C`` the bias (C must be one value per output or a scalar;
   ``transA`` is refused). When the input is a Flatten / Reshape of an (N, C, H, W) image the
@@ -311,7 +314,41 @@ def matmul(imp: Any, node: Any, a: dict[str, Any]) -> None:
     b = np.asarray(imp.const(node, 1, "B (the weights)"), np.float32)
     if b.ndim != 2:
         raise MPSValueError(f"{_d(node)}: B of shape {b.shape} must be a (K, M) matrix (a fully connected layer)")
+    if x.rank in (3, 4):
+        _pointwise(imp, node, x, np.ascontiguousarray(b.T))
+        return
     _fully_connected(imp, node, x, np.ascontiguousarray(b.T), None)
+
+
+def last_on_channels(rank: int) -> tuple[str, ...]:
+    """Axes with the last dimension on the channels: (n, w, c) for rank 3, (n, h, w, c) for 4."""
+    return ("n", "w", "c") if rank == 3 else ("n", "h", "w", "c")
+
+
+def _pointwise(imp: Any, node: Any, x: Value, wt: np.ndarray) -> None:
+    """MatMul of a rank-3/4 tensor by a constant (K, M) matrix: a 1 x 1 convolution of the image
+    that holds the last dimension on its channels (free after a Transpose (0, 2, 3, 1) of an
+    NCHW image: a channels-last Linear). An Add of a constant (M,) vector that alone reads the
+    product becomes the convolution's bias."""
+    nout, k = wt.shape
+    if x.shape[-1] is not None and x.shape[-1] != k:
+        raise MPSValueError(f"{_d(node)}: the last dimension of {x.name!r} ({x.shape[-1]}) must be B's {k} rows")
+    axes = last_on_channels(x.rank)
+    img = imp.image_in_axes(x, node, axes)
+    last, bias = node, None
+    add = imp.only_consumer(node.output[0], ("Add",))
+    if add is not None:
+        other = [imp.values.get(n) for n in add.input if n != node.output[0]]
+        if len(other) == 1 and other[0] is not None and other[0].const is not None:
+            c = np.asarray(other[0].const, np.float32)
+            if c.size == nout and c.shape[-1] == nout and c.ndim <= x.rank:
+                bias, last = c.reshape(-1).copy(), add
+                imp.done.add(id(add))
+    desc = cd.MPSCNNConvolutionDescriptor(1, 1, k, nout)
+    ds = cd.ConvolutionDataSource(desc, wt.reshape(nout, 1, 1, k), bias, label=node.name or None)
+    n = MPSCNNConvolutionNode(img, ds)
+    n.label = node.name or None
+    imp.set_image(last, 0, n.result_image, tuple(x.shape[:-1]) + (nout,), axes, x.dtype)
 
 
 def _bn_check(a: dict[str, Any], opset: int) -> str | None:

@@ -198,18 +198,35 @@ def _broadcast_check(a: dict[str, Any], opset: int) -> str | None:
     return None
 
 
+def _merged_axes(values: list[Value], shape: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Axes that hold every operand as it is: per dimension the one image axis the operands use
+    (an operand with None there has size 1 and is broadcast), no image axis used twice, every
+    dimension of the result larger than 1 on an axis. None when the operands disagree."""
+    merged: list[Any] = []
+    for d in range(len(shape)):
+        used = {v.axes[d] for v in values if v.axes is not None and v.axes[d] is not None}
+        if len(used) > 1 or (not used and shape[d] != 1):
+            return None
+        merged.append(used.pop() if used else None)
+    letters = [a for a in merged if a is not None]
+    return tuple(merged) if len(letters) == len(set(letters)) else None
+
+
 def binary(imp: Any, node: Any, cls: type, x: Value, y: Value, out_name_index: int = 0) -> Any:
     """``cls`` (an arithmetic node class) over x and y with ONNX broadcasting; returns the node."""
     shape = broadcast_shapes(_d(node), x.shape, y.shape)
     rank = len(shape)
-    axes = standard_axes(rank)
+    # computed operands held with the same (non-standard) axes, e.g. both transposed to
+    # channels-last, are used as they are: no data moves; otherwise the standard axes
+    computed = [v for v in (x, y) if v.const is None]
+    shared = _merged_axes(computed, shape) if all(v.node is not None and v.pending is None and v.rank == rank for v in computed) else None
+    axes = shared if shared is not None else standard_axes(rank)
     if axes is None:
         raise MPSValueError(f"{_d(node)}: result of rank {rank} has no image layout")
     imgs, strides = [], []
     anchor = None
-    for v in (x, y):
-        if v.const is None:
-            anchor = imp.image(v, node)
+    for v in computed:
+        anchor = v.node if shared is not None else imp.image(v, node)
     for v in (x, y):
         vshape = (1,) * (rank - v.rank) + tuple(v.shape)
         if v.const is not None:
@@ -220,10 +237,10 @@ def binary(imp: Any, node: Any, cls: type, x: Value, y: Value, out_name_index: i
                 # a computed operand of lower rank: it must broadcast only over missing leading dims
                 raise MPSValueError(f"{_d(node)}: operand {v.name!r} of shape {v.shape} must have the result's rank {rank} "
                                     "(MPS images broadcast by strides within one layout)")
-            imgs.append(imp.image(v, node))
+            imgs.append(v.node if shared is not None else imp.image(v, node))
         st = {}
         for d, ax in enumerate(axes):
-            if vshape[d] == 1 and shape[d] != 1:
+            if ax is not None and vshape[d] == 1 and shape[d] != 1:
                 if ax == "n" and v.const is None:
                     raise MPSValueError(f"{_d(node)}: operand {v.name!r} has batch 1 against a batch of {shape[d]}; "
                                         "MPS arithmetic never broadcasts the batch")
@@ -237,7 +254,7 @@ def binary(imp: Any, node: Any, cls: type, x: Value, y: Value, out_name_index: i
             setattr(n, f"{prefix}_stride_in_pixels_y", 0)
         if st.get("c") == 0:
             setattr(n, f"{prefix}_stride_in_feature_channels", 0)
-    imp.set_image(node, out_name_index, n.result_image, shape, None, np.result_type(x.dtype, y.dtype))
+    imp.set_image(node, out_name_index, n.result_image, shape, shared, np.result_type(x.dtype, y.dtype))
     return n
 
 
@@ -296,6 +313,12 @@ def softmax(imp: Any, node: Any, a: dict[str, Any]) -> None:
         n.label = node.name or None
         moved = Value(f"{node.output[0]}:before transposes", src.shape, src.dtype, node=n.result_image, axes=src.axes)
         imp.values[node.output[0]] = Value(node.output[0], x.shape, x.dtype, pending=Pending(moved, list(p.ops), list(p.what), p.perm))
+        return
+    if x.node is not None and x.pending is None and r >= 2 and [x.axes[d] for d in big] in (["c"], []) and \
+            (x.axes[axis] == "c" or big == []) and axis > 0 and not x.is_standard():
+        n = cls(x.node)  # the softmax dimension is already the image's channels (e.g. after a Transpose)
+        n.label = node.name or None
+        imp.set_image(node, 0, n.result_image, x.shape, x.axes, x.dtype)
         return
     if not (r >= 2 and axis == 1 and big in ([1], [])):
         raise MPSValueError(f"{_d(node)}: axis={a.get('axis')} over shape {x.shape} is not the channel axis; MPS's "

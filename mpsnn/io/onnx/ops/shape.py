@@ -2,6 +2,13 @@
 (kept pending on their source; see :mod:`mpsnn.io.onnx.importer`) and Concat along the
 channels.
 
+A Transpose of an image is free in every case: the result is the same image with its axes
+permuted (:mod:`mpsnn.io.onnx.layout`). Element-wise operators, reductions, Softmax over the
+dimension now on the channels, MatMul and LayerNormalization over the last dimension read such
+an image as it is (a channels-last block: Transpose (0, 2, 3, 1) -> LayerNorm -> Linear -> GELU
+-> Linear -> Transpose (0, 3, 1, 2) moves no data); an operator that needs the standard axes
+gets one gather.
+
 A pending movement costs nothing where its consumer can absorb it: a Flatten or Reshape of
 an (N, C, H, W) image before Gemm / MatMul folds into the fully connected weights, a reshape
 that keeps the NHWC element order is free ((N, C, 1, 1) <-> (N, C)) or an ``MPSNNReshapeNode``.
@@ -96,10 +103,17 @@ def transpose(imp: Any, node: Any, a: dict[str, Any]) -> None:
     x = imp.inp(node, 0)
     perm = ints(a, "perm", list(range(x.rank))[::-1])
 
+    shape = tuple(x.shape[p] for p in perm)
+    if x.node is not None and x.pending is None and x.axes is not None:
+        # an image: the same image with its axes permuted (no data moves); consumers that need
+        # other axes move the data then
+        imp.values[node.output[0]] = Value(node.output[0], shape, x.dtype, node=x.node, axes=tuple(x.axes[p] for p in perm))
+        return
+
     def fn(arr: np.ndarray, batch: int) -> np.ndarray:
         return np.transpose(arr, perm)
 
-    imp.set_pending(node, x, fn, tuple(x.shape[p] for p in perm), f"Transpose{tuple(perm)}", perm=perm)
+    imp.set_pending(node, x, fn, shape, f"Transpose{tuple(perm)}", perm=perm)
 
 
 def _axes_input(imp: Any, node: Any, a: dict[str, Any]) -> list[int] | None:
