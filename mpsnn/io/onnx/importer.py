@@ -3,8 +3,8 @@ maps every other node to MPS graph nodes through the mappers of :mod:`.ops`.
 
 Order of work in :func:`import_model` (nothing runs on a device before step 4):
 
-1. opset check (7 to the newest the installed ``onnx`` knows), shape inference (for the
-   shapes of intermediate tensors), initializers become constants;
+1. opset check (7 to the newest the installed ``onnx`` knows), initializers become constants
+   (the mappers compute every result's shape themselves);
 2. every node's operator and attributes are checked (:func:`unsupported`): any unsupported
    operator raises one :class:`~mpsnn.MPSError` listing each op type with its node names;
 3. nodes run in order: a node whose inputs are all constants is **folded** with ONNX's own
@@ -107,13 +107,11 @@ class Importer:
             raise MPSValueError(f"mpsnn.io.onnx.load: the model's opset (={self.opset}) must be in [{MIN_OPSET}, {newest}] "
                                 f"(onnx {onnx.__version__} knows opsets up to {newest})")
         self.values: dict[str, Value] = {}
-        self.value_info: dict[str, tuple[tuple[Any, ...], np.dtype]] = {}
         self.consumers: dict[str, list[Any]] = {}
         self.done: set[int] = set()
         self.outputs = [o.name for o in self.graph.output]
         self.inputs: list[Value] = []
         self.anchor: MPSNNImageNode | None = None
-        self._declared_batch: int | None = None
 
     # -- tensor types -------------------------------------------------------------------------------
     def np_dtype(self, elem_type: int) -> np.dtype:
@@ -182,9 +180,17 @@ class Importer:
         self.values[node.output[0]] = v
 
     # -- images -------------------------------------------------------------------------------------
-    def image(self, value: Value, node: Any, anchor: MPSNNImageNode | None = None, standard: bool = True) -> MPSNNImageNode:
+    def image_any_axes(self, value: Value, node: Any) -> tuple[MPSNNImageNode, tuple[Any, ...] | None]:
+        """(image node, its axes) for operators indifferent to the axes (element-wise, the
+        reductions): an image as it is held, anything else (a constant, pending movements) in
+        the standard axes (axes None)."""
+        if value.node is not None and value.pending is None:
+            return value.node, value.axes
+        return self.image(value, node), None
+
+    def image(self, value: Value, node: Any, anchor: MPSNNImageNode | None = None) -> MPSNNImageNode:
         """The image node holding ``value`` in its standard axes (relayout / constant made here
-        when needed). ``standard=False`` keeps an image's own axes."""
+        when needed)."""
         if value.pending is not None:
             value = self.materialize(value, node)
         if value.const is not None:
@@ -193,7 +199,7 @@ class Importer:
                 raise MPSValueError(f"{describe(node)}: constant {value.name!r} of rank {value.rank} has no image layout")
             return self.constant_image(onnx_to_nhwc(value.const.astype(np.float32), ax), anchor, node)
         assert value.node is not None
-        if standard and not value.is_standard():
+        if not value.is_standard():
             value = self.relayout(value, node)
         return value.node
 
@@ -293,14 +299,6 @@ class Importer:
     def run(self) -> None:
         onnx = self.onnx
         g = self.graph
-        try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, data_prop=True)
-            for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-                ty = self._type_of(vi)
-                if ty is not None:
-                    self.value_info[vi.name] = ty
-        except Exception:  # noqa: BLE001 - shapes are then computed by the mappers alone
-            pass
         for init in g.initializer:
             self.set_const(init.name, onnx.numpy_helper.to_array(init))
         for sp in getattr(g, "sparse_initializer", []):

@@ -35,12 +35,17 @@ IMAGE_AXES = ("n", "h", "w", "c")
 
 STANDARD_AXES: dict[int, tuple[str, ...]] = {4: ("n", "c", "h", "w"), 3: ("n", "c", "w"), 2: ("n", "c"), 1: ("c",), 0: ()}
 
-Dim = "int | None"
-
-
 def standard_axes(rank: int) -> tuple[str, ...] | None:
     """The standard axes of a rank (None: no image layout for that rank)."""
     return STANDARD_AXES.get(rank)
+
+
+def std_axes(rank: int) -> tuple[str, ...]:
+    """The standard axes of a rank that has them (ValueError otherwise)."""
+    ax = STANDARD_AXES.get(rank)
+    if ax is None:
+        raise ValueError(f"a tensor of rank {rank} has no image layout")
+    return ax
 
 
 @dataclass

@@ -117,21 +117,6 @@ class RelayoutNode(MPSNNFilterNode):
         return dest, []
 
 
-def permute_reshape(view: Callable[[tuple[int, ...]], tuple[int, ...]] | None, perm: tuple[int, ...] | None,
-                    out: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A relayout function: reshape the NHWC tensor to ``view(shape)``, permute by ``perm``,
-    reshape to ``out(shape)`` (``shape`` is the source's NHWC shape)."""
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        shape = tuple(t.shape)
-        x = t.reshape(view(shape)) if view is not None else t
-        if perm is not None:
-            x = x.permute(perm)
-        return x.reshape(out(shape))
-
-    return fn
-
-
 def channel_gather(indices: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
     """A relayout function picking the channels ``indices`` (in that order)."""
     idx_cpu = torch.as_tensor(np.asarray(indices, dtype=np.int64))
@@ -146,4 +131,4 @@ def channel_gather(indices: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor
     return fn
 
 
-__all__ = ["ConstantImageNode", "RelayoutNode", "channel_gather", "permute_reshape"]
+__all__ = ["ConstantImageNode", "RelayoutNode", "channel_gather"]

@@ -99,6 +99,17 @@ class ONNXPadding(MPSNNPadding):
         return (axis_pads(self._owner, height, self._k[0], self._s[0], self._d[0], self._auto, self._pads[0], self._ceil, self._trim[0]),  # type: ignore[arg-type]
                 axis_pads(self._owner, width, self._k[1], self._s[1], self._d[1], self._auto, self._pads[1], self._ceil, self._trim[1]))  # type: ignore[arg-type]
 
+    def result_shape(self, shape: tuple[Any, ...], channels: Any) -> tuple[Any, ...]:
+        """The ONNX result shape of a (N, C, H, W) or (N, C, L) input ``shape`` with ``channels``
+        result channels (None where the input size is not known at load time)."""
+        rank = len(shape)
+        h = shape[2] if rank == 4 else 1
+        w = shape[-1]
+        if h is None or w is None:
+            return (shape[0], channels) + (None,) * (rank - 2)
+        (_, _, oh), (_, _, ow) = self.result_size(h, w)
+        return (shape[0], channels) + ((oh, ow) if rank == 4 else (ow,))
+
     def destination_image_descriptor_for_source_images(self, source_images: Any, source_states: Any, kernel: Any, suggested_descriptor: Any) -> Any:
         src = source_images[0]
         (pt, _, oh), (pl, _, ow) = self.result_size(src.height, src.width)

@@ -26,14 +26,9 @@ from ....graph.nodes import arithmetic as ar
 from ....graph.nodes import reduction as rn
 from ....graph.nodes.neuron import MPSCNNNeuronNode
 from ....kernels.neuron import MPSNNNeuronDescriptor
+from ..importer import describe as _d
 from ..layout import onnx_to_nhwc, standard_axes
 from .registry import op
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)
-
 
 _REDUCE_MEAN = {"c": rn.MPSNNReductionFeatureChannelsMeanNode, "w": rn.MPSNNReductionRowMeanNode, "h": rn.MPSNNReductionColumnMeanNode}
 _STRIDE = {"c": "secondary_stride_in_feature_channels", "w": "secondary_stride_in_pixels_x", "h": "secondary_stride_in_pixels_y"}
@@ -148,10 +143,7 @@ def erf(imp: Any, node: Any, a: dict[str, Any]) -> None:
         halves = [_const_value(imp, o or "") for o in (o1, o2)]
         if 0.5 in halves and (o1 == x_name) != (o2 == x_name):
             x = imp.values[x_name]
-            if x.node is not None and x.pending is None:
-                img, axes = x.node, x.axes
-            else:
-                img, axes = imp.image(x, node), None
+            img, axes = imp.image_any_axes(x, node)
             n = MPSCNNNeuronNode(img, MPSNNNeuronDescriptor(NT.geLU))
             n.label = f"{node.name or 'Erf'}: GELU"
             for done in (add, m1, m2):

@@ -51,17 +51,13 @@ from ....graph.nodes.normalization import (
 from ....kernels import convolution_data as cd
 from ....kernels.batch_normalization import BatchNormalizationDataSource
 from ....kernels.instance_group_normalization import GroupNormalizationDataSource, InstanceNormalizationDataSource
+from ..importer import describe as _d
 from ..layout import Value
 from ..padding import ONNXPadding, ONNXTransposePadding
 from .elementwise import neuron_descriptor
 from .registry import ints, op, string
 
 FUSABLE_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu", "HardSigmoid", "Softplus", "Softsign", "Abs")
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)
 
 
 def _geometry(node: Any, a: dict[str, Any], x: Value, kernel_shape: tuple[int, ...]) -> tuple[Any, ...]:
@@ -80,20 +76,15 @@ def _geometry(node: Any, a: dict[str, Any], x: Value, kernel_shape: tuple[int, .
     return (k[0], k[1]), (s[0], s[1]), (dl[0], dl[1]), ((p[0], p[2]), (p[1], p[3])), auto
 
 
-def _dense_groups(w: np.ndarray, group: int, transposed: bool) -> np.ndarray:
-    """Grouped weights as one dense block-diagonal tensor (ONNX layout, group 1)."""
-    if transposed:  # (Cin, Cout/g, ...)
-        cin, cout_g = w.shape[:2]
-        cin_g = cin // group
-        out = np.zeros((cin, cout_g * group) + w.shape[2:], w.dtype)
-        for g in range(group):
-            out[g * cin_g:(g + 1) * cin_g, g * cout_g:(g + 1) * cout_g] = w[g * cin_g:(g + 1) * cin_g]
-        return out
-    cout, cin_g = w.shape[:2]
-    cout_g = cout // group
-    out = np.zeros((cout, cin_g * group) + w.shape[2:], w.dtype)
+def _dense_groups(w: np.ndarray, group: int) -> np.ndarray:
+    """Grouped weights as one dense block-diagonal tensor (group 1). Conv's ``(Cout, Cin/g, ...)``
+    and ConvTranspose's ``(Cin, Cout/g, ...)`` have the same form: dimension 0 lists every
+    channel of all groups, dimension 1 those of one group."""
+    rows, cols_g = w.shape[:2]
+    rows_g = rows // group
+    out = np.zeros((rows, cols_g * group) + w.shape[2:], w.dtype)
     for g in range(group):
-        out[g * cout_g:(g + 1) * cout_g, g * cin_g:(g + 1) * cin_g] = w[g * cout_g:(g + 1) * cout_g]
+        out[g * rows_g:(g + 1) * rows_g, g * cols_g:(g + 1) * cols_g] = w[g * rows_g:(g + 1) * rows_g]
     return out
 
 
@@ -146,8 +137,9 @@ def _conv_check(a: dict[str, Any], opset: int) -> str | None:
     return None
 
 
-@op("Conv", check=_conv_check)
-def conv(imp: Any, node: Any, a: dict[str, Any]) -> None:
+def _window_layer(imp: Any, node: Any, a: dict[str, Any]) -> tuple[Any, ...]:
+    """What Conv and ConvTranspose read alike: (x, 4-D weights (a 1-D layer's get height 1),
+    bias vector or None, (kH, kW), strides, dilations, pads, auto_pad, spatial rank)."""
     x = imp.inp(node, 0)
     w = np.asarray(imp.const(node, 1, "weights"), np.float32)
     bias = imp.const(node, 2, "bias", optional=True)
@@ -155,6 +147,18 @@ def conv(imp: Any, node: Any, a: dict[str, Any]) -> None:
     (kh, kw), strides, dil, pads, auto = _geometry(node, a, x, kshape)
     if w.ndim == 3:
         w = w[:, :, None, :]
+    b = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    return x, w, b, (kh, kw), strides, dil, pads, auto, len(kshape)
+
+
+def _set_window(desc: Any, strides: tuple[int, int], dil: tuple[int, int]) -> None:
+    desc.stride_in_pixels_y, desc.stride_in_pixels_x = strides
+    desc.dilation_rate_y, desc.dilation_rate_x = dil
+
+
+@op("Conv", check=_conv_check)
+def conv(imp: Any, node: Any, a: dict[str, Any]) -> None:
+    x, w, b, (kh, kw), strides, dil, pads, auto, _ = _window_layer(imp, node, a)
     group = int(a.get("group", 1))
     cout, cin_g = w.shape[:2]
     cin = cin_g * group
@@ -162,7 +166,7 @@ def conv(imp: Any, node: Any, a: dict[str, Any]) -> None:
         raise MPSValueError(f"{_d(node)}: input has {x.shape[1]} channels but the weights take {cin} ({cin_g} per group x {group})")
     depthwise = group > 1 and group == cin and cin_g == 1
     if group > 1 and not depthwise and ((cin // group) % 4 or (cout // group) % 4):
-        w, group = _dense_groups(w, group, transposed=False), 1
+        w, group = _dense_groups(w, group), 1
     if depthwise:
         desc: Any = cd.MPSCNNDepthWiseConvolutionDescriptor(kw, kh, cin, cout)
         mw = np.ascontiguousarray(w[:, 0])
@@ -170,42 +174,23 @@ def conv(imp: Any, node: Any, a: dict[str, Any]) -> None:
         desc = cd.MPSCNNConvolutionDescriptor(kw, kh, cin, cout)
         desc.groups = group
         mw = np.ascontiguousarray(w.transpose(0, 2, 3, 1))
-    desc.stride_in_pixels_y, desc.stride_in_pixels_x = strides
-    desc.dilation_rate_y, desc.dilation_rate_x = dil
+    _set_window(desc, strides, dil)
     last = _fuse(imp, node, desc, cout)
-    b = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
     ds = cd.ConvolutionDataSource(desc, mw, b, label=node.name or None)
     pad = ONNXPadding(_d(node), (kh, kw), strides, dil, pads, auto)
     n = MPSCNNConvolutionNode(imp.image(x, node), ds, padding_policy=pad)
     n.label = node.name or None
-    shape = _conv_shape(x.shape, cout, pad, x.rank)
-    imp.set_image(last, 0, n.result_image, shape, None, x.dtype)
-
-
-def _conv_shape(xs: tuple[Any, ...], cout: int, pad: ONNXPadding, rank: int) -> tuple[Any, ...]:
-    h = xs[2] if rank == 4 else 1
-    w = xs[-1]
-    if h is None or w is None:
-        return (xs[0], cout) + (None,) * (rank - 2)
-    (_, _, oh), (_, _, ow) = pad.result_size(h, w)
-    return (xs[0], cout, oh, ow) if rank == 4 else (xs[0], cout, ow)
+    imp.set_image(last, 0, n.result_image, pad.result_shape(x.shape, cout), None, x.dtype)
 
 
 @op("ConvTranspose", check=_conv_check)
 def conv_transpose(imp: Any, node: Any, a: dict[str, Any]) -> None:
-    x = imp.inp(node, 0)
-    w = np.asarray(imp.const(node, 1, "weights"), np.float32)
-    bias = imp.const(node, 2, "bias", optional=True)
-    kshape = tuple(int(k) for k in (a.get("kernel_shape") or w.shape[2:]))
-    (kh, kw), strides, dil, pads, auto = _geometry(node, a, x, kshape)
-    sp = len(kshape)
-    if w.ndim == 3:
-        w = w[:, :, None, :]
+    x, w, b, (kh, kw), strides, dil, pads, auto, sp = _window_layer(imp, node, a)
     group = int(a.get("group", 1))
     cin, cout_g = w.shape[:2]
     cout = cout_g * group
     if group > 1 and ((cin // group) % 4 or cout_g % 4):
-        w, group = _dense_groups(w, group, transposed=True), 1
+        w, group = _dense_groups(w, group), 1
         cout_g = cout  # one dense group now: its block holds every output channel
     cin_g = cin // group
     mw = np.zeros((cout, kh, kw, cin_g), np.float32)
@@ -215,8 +200,7 @@ def conv_transpose(imp: Any, node: Any, a: dict[str, Any]) -> None:
         mw[g * cout_g:(g + 1) * cout_g] = blk.transpose(1, 2, 3, 0)
     desc = cd.MPSCNNConvolutionDescriptor(kw, kh, cin, cout)
     desc.groups = group
-    desc.stride_in_pixels_y, desc.stride_in_pixels_x = strides
-    desc.dilation_rate_y, desc.dilation_rate_x = dil
+    _set_window(desc, strides, dil)
     out_pad = ints(a, "output_padding", [0] * sp)
     out_shape = a.get("output_shape")
     if sp == 1:
@@ -226,7 +210,6 @@ def conv_transpose(imp: Any, node: Any, a: dict[str, Any]) -> None:
     elif out_shape is not None:
         out_shape = [int(v) for v in out_shape[-2:]]
     pad = ONNXTransposePadding(_d(node), (kh, kw), strides, dil, pads, out_pad, out_shape, auto)
-    b = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
     last = _fuse(imp, node, desc, cout)
     ds = cd.ConvolutionDataSource(desc, np.ascontiguousarray(mw), b, label=node.name or None)
     n = MPSCNNConvolutionTransposeNode(imp.image(x, node), None, ds, padding_policy=pad)

@@ -37,10 +37,11 @@ import numpy as np
 from ....core.enums import MPSCNNNeuronType as NT
 from ....core.errors import MPSValueError
 from ....graph.nodes import arithmetic as ar
-from ....graph.nodes.dropout import MPSCNNDropoutNode  # noqa: F401 - documented mapping target (identity at inference)
 from ....graph.nodes.neuron import MPSCNNNeuronNode, MPSCNNNeuronPReLUNode
 from ....graph.nodes.softmax import MPSCNNLogSoftMaxNode, MPSCNNSoftMaxNode
 from ....kernels.neuron import MPSNNNeuronDescriptor
+from ..importer import Pending
+from ..importer import describe as _d
 from ..layout import Value, broadcast_shapes, onnx_to_nhwc, standard_axes
 from .registry import op
 
@@ -126,10 +127,7 @@ op("Gelu", check=_gelu_check)(activation)
 
 def _neuron(imp: Any, node: Any, x: Value, desc: MPSNNNeuronDescriptor | None) -> None:
     assert desc is not None
-    if x.node is not None and x.pending is None:  # element-wise: any axes
-        img, axes = x.node, x.axes
-    else:
-        img, axes = imp.image(x, node), None
+    img, axes = imp.image_any_axes(x, node)  # element-wise: any axes
     n = MPSCNNNeuronNode(img, desc)
     imp.set_image(node, 0, n.result_image, x.shape, axes, x.dtype)
 
@@ -297,7 +295,6 @@ def softmax(imp: Any, node: Any, a: dict[str, Any]) -> None:
     dimension that a pending chain of Transposes took from the source's channel axis (torch's
     exports of ``softmax(dim=1)`` before opset 13: Transpose -> Softmax(axis=-1) -> Transpose);
     the softmax then runs on the source and the Transposes stay pending on its result."""
-    from ..importer import Pending
     x = imp.inp(node, 0)
     r = x.rank
     axis = int(a.get("axis", 1 if imp.opset < 13 else -1))
@@ -344,8 +341,3 @@ def dropout(imp: Any, node: Any, a: dict[str, Any]) -> None:
 def _identity(imp: Any, node: Any, x: Value) -> None:
     v = Value(node.output[0], x.shape, x.dtype, node=x.node, axes=x.axes, const=x.const, pending=x.pending)
     imp.values[node.output[0]] = v
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)

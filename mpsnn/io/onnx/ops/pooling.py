@@ -35,16 +35,12 @@ from ....graph.nodes import reduction as rn
 from ....graph.nodes.neuron import MPSCNNNeuronNode
 from ....graph.nodes.resampling import MPSNNPadNode
 from ....kernels.neuron import MPSNNNeuronDescriptor
-from ..layout import Value
+from ..importer import describe as _d
+from ..layout import Value, std_axes
 from ..nodes import RelayoutNode, channel_gather
 from ..padding import ONNXPadding
 from .convolution import _geometry
 from .registry import ints, op, string
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)
 
 
 def _pool_check(a: dict[str, Any], opset: int) -> str | None:
@@ -67,12 +63,7 @@ def _lp_check(a: dict[str, Any], opset: int) -> str | None:
 
 
 def _out_shape(x: Value, pad: ONNXPadding) -> tuple[Any, ...]:
-    h = x.shape[2] if x.rank == 4 else 1
-    w = x.shape[-1]
-    if h is None or w is None:
-        return x.shape[:2] + (None,) * (x.rank - 2)
-    (_, _, oh), (_, _, ow) = pad.result_size(h, w)
-    return x.shape[:2] + ((oh, ow) if x.rank == 4 else (ow,))
+    return pad.result_shape(x.shape, x.shape[1])
 
 
 @op("MaxPool", check=_pool_check)
@@ -190,10 +181,8 @@ def reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
             _identity(imp, node, x)
             return
         axes = list(range(x.rank))
-    img = imp.image(x, node, standard=False) if x.node is not None and x.pending is None else imp.image(x, node)
-    v = imp.values[x.name] if x.node is not None and x.pending is None else Value(x.name, x.shape, x.dtype, node=img, axes=tuple(_std(x.rank)))
-    assert v.axes is not None
-    vaxes: tuple[Any, ...] = v.axes
+    img, held = imp.image_any_axes(x, node)
+    vaxes: tuple[Any, ...] = held if held is not None else std_axes(x.rank)
     current = img
     table = _REDUCE[node.op_type]
     for d in axes:
@@ -220,12 +209,6 @@ def reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
     imp.set_image(node, 0, current, shape, out_axes, x.dtype)
 
 
-def _std(rank: int) -> tuple[str, ...]:
-    from ..layout import standard_axes
-    ax = standard_axes(rank)
-    assert ax is not None
-    return ax
-
 
 @op("ArgMax", "ArgMin")
 def arg_reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
@@ -236,7 +219,7 @@ def arg_reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
     axis = int(a.get("axis", 0))
     axis = axis + x.rank if axis < 0 else axis
     img = imp.image(x, node)
-    if _std(x.rank)[axis] != "c":
+    if std_axes(x.rank)[axis] != "c":
         raise MPSValueError(f"{_d(node)}: axis {a.get('axis', 0)} of shape {x.shape} is not the channel axis; MPS's arg "
                             "reductions run over the feature channels")
     last = bool(int(a.get("select_last_index", 0)))
@@ -252,7 +235,7 @@ def arg_reduce(imp: Any, node: Any, a: dict[str, Any]) -> None:
     if last:
         n = MPSCNNNeuronNode(n.result_image, MPSNNNeuronDescriptor(MPSCNNNeuronType.linear, -1.0, float(c - 1)))
         n.label = f"{node.name or node.op_type}: index in the original order"
-    std = list(_std(x.rank))
+    std = list(std_axes(x.rank))
     if int(a.get("keepdims", 1)):
         shape = tuple(1 if k == axis else s for k, s in enumerate(x.shape))
         out_axes = [None if k == axis else ax for k, ax in enumerate(std)]

@@ -94,16 +94,12 @@ from ....graph.nodes.resampling import (
     MPSNNPadNode,
 )
 from ....kernels.resampling import MPSScaleTransform
+from ..importer import describe as _d
 from ..layout import Value, standard_axes
 from .registry import ints, op, string
 
 _COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
 _NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)
 
 
 # -- Resize / Upsample ------------------------------------------------------------------------------------

@@ -31,14 +31,10 @@ import numpy as np
 from ....core.errors import MPSValueError
 from ....graph.nodes.concatenation import MPSNNConcatenationNode
 from ....kernels.reshape import concatenation_offsets
-from ..layout import Value
+from ..importer import describe as _d
+from ..layout import Value, std_axes
 from ..nodes import RelayoutNode, channel_gather
 from .registry import ints, op, string
-
-
-def _d(node: Any) -> str:
-    from ..importer import describe
-    return describe(node)
 
 
 def _resolve_reshape(target: np.ndarray, shape: tuple[int, ...], allowzero: bool, declared: Any) -> list[int]:
@@ -219,7 +215,7 @@ def concat(imp: Any, node: Any, a: dict[str, Any]) -> None:
     imgs = [imp.image(v, node, anchor) for v in vals]
     shape = tuple(vals[0].shape[:caxis]) + (sum(channels),) + tuple(vals[0].shape[caxis + 1:])
     if len(imgs) == 1:
-        imp.values[node.output[0]] = Value(node.output[0], shape, vals[0].dtype, node=imgs[0], axes=_std(rank))
+        imp.values[node.output[0]] = Value(node.output[0], shape, vals[0].dtype, node=imgs[0], axes=std_axes(rank))
         return
     n = MPSNNConcatenationNode(imgs)
     n.label = node.name or None
@@ -233,9 +229,3 @@ def concat(imp: Any, node: Any, a: dict[str, Any]) -> None:
     assert total == shape[caxis]
     imp.set_image(node, 0, out, shape, None, np.result_type(*[v.dtype for v in vals]))
 
-
-def _std(rank: int) -> tuple[str, ...]:
-    from ..layout import standard_axes
-    ax = standard_axes(rank)
-    assert ax is not None
-    return ax
