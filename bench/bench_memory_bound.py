@@ -11,7 +11,10 @@ kernels get the forward encode's gradient state. Bytes counted: every input read
 the result written once (the max-pool gradient reads the incoming gradient and the forward
 source; the others only the incoming gradient, softmax's also the forward result). "copy" is
 ``dst.copy_(src)`` of 1 GB (read + write). Times: CUDA events around ``INNER`` back-to-back
-launches, median of 9 samples after warm-up. Every mpsnn result is compared with torch's
+launches, median of 9 samples after warm-up, recorded behind a spinning kernel that outlasts
+the host's enqueueing, so that the events measure the device's work and not the host's cost
+per encode; that cost is the "host ms" column (Python time per call, mpsnn's encode and
+torch's eager call), the subject of CUDA-graph capture. Every mpsnn result is compared with torch's
 (rel err; bilinear upsampling runs with ``align_corners`` YES, the sampling both libraries
 define alike). The torch peers are the
 eager calls an NHWC PyTorch program makes: ``max_pool2d`` / ``avg_pool2d`` / ``softmax`` /
@@ -34,6 +37,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,25 +51,50 @@ FMT = m.MPSImageFeatureChannelFormat.bfloat16
 INNER = 5
 
 
-def ms(fn: Callable[[Any], object], reps: int, queue: m.MTLCommandQueue | None = None) -> float:
-    """Median ms per launch of ``fn(cb)`` (``cb`` a fresh command buffer per sample with a queue)."""
-    samples, cbs = [], []
+#: clock cycles per millisecond of ``torch.cuda._sleep`` (measured once)
+_SPIN: list[float] = []
+
+
+def _spin(ms_: float) -> None:
+    """Keep the GPU busy for about ``ms_`` milliseconds (one spinning kernel)."""
+    if not _SPIN:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(10_000_000)
+        b.record()
+        torch.cuda.synchronize()
+        _SPIN.append(10_000_000 / a.elapsed_time(b))
+    torch.cuda._sleep(int(ms_ * _SPIN[0]))
+
+
+def ms(fn: Callable[[Any], object], reps: int, queue: m.MTLCommandQueue | None = None) -> tuple[float, float]:
+    """(device ms, host ms) per launch of ``fn(cb)`` (``cb`` a fresh command buffer per sample
+    with a queue), medians of ``reps`` samples. The device time is taken between CUDA events
+    behind a spinning kernel that outlasts the host's enqueueing, so the launches run back to
+    back and the host's cost per encode (the second number) does not leak into it."""
+    samples, host, cbs = [], [], []
+    spin = 1.0
     for r in range(reps + 2):
         cb = queue.make_command_buffer() if queue is not None else None
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _spin(spin)
         a.record()
+        t0 = time.perf_counter()
         for _ in range(INNER):
             fn(cb)
+        t1 = time.perf_counter()
         b.record()
         if cb is not None:
             cb.commit()
             cbs.append(cb)
         torch.cuda.synchronize()
+        spin = max(spin, 2e3 * (t1 - t0) + 0.5)      # outlast the enqueueing next time
         if r >= 2:
             samples.append(a.elapsed_time(b) / INNER)
+            host.append(1e3 * (t1 - t0) / INNER)
     for cb in cbs:
         cb.wait_until_completed()
-    return statistics.median(samples)
+    return statistics.median(samples), statistics.median(host)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +122,7 @@ class Bench:
     def copy_bandwidth(self) -> float:
         src = torch.empty(1 << 29, dtype=DT, device="cuda")
         dst = torch.empty_like(src)
-        return 2 * src.numel() * 2 / ms(lambda _cb: dst.copy_(src), self.reps) / 1e6
+        return 2 * src.numel() * 2 / ms(lambda _cb: dst.copy_(src), self.reps)[0] / 1e6
 
     def run(self, cb_fn: Callable[[Any], object]) -> None:
         cb = self.queue.make_command_buffer()
@@ -103,14 +132,14 @@ class Bench:
 
     def row(self, name: str, nbytes: int, mine: Callable[[Any], object], peer: Callable[[Any], object], got: torch.Tensor,
             ref: torch.Tensor) -> None:
-        t_m, t_p = ms(mine, self.reps, self.queue), ms(peer, self.reps)
+        (t_m, h_m), (t_p, h_p) = ms(mine, self.reps, self.queue), ms(peer, self.reps)
         self.run(mine)
         err = rel(got, ref)
         bw_m, bw_p = nbytes / t_m / 1e6, nbytes / t_p / 1e6
         self.worst_bw = min(self.worst_bw, bw_m / self.copy_bw)
         self.worst_speedup = min(self.worst_speedup, t_p / t_m)
         self.out(f"{name:<36}{nbytes / 1e6:>7.0f} | {t_m:>9.3f}{bw_m:>7.0f}{100 * bw_m / self.copy_bw:>6.1f}% | {t_p:>9.3f}{bw_p:>7.0f}"
-                 f"{100 * bw_p / self.copy_bw:>6.1f}% | {t_p / t_m:>7.2f}x{err:>9.1e}")
+                 f"{100 * bw_p / self.copy_bw:>6.1f}% | {t_p / t_m:>7.2f}x{err:>9.1e} | {h_m:>7.3f}{h_p:>7.3f}")
 
 
 def bench_pooling(b: Bench, x: torch.Tensor, k: int, s: int, p: int, g: torch.Generator) -> None:
@@ -307,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     b = Bench(reps, out)
     out(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  batch {n}  bfloat16 NHWC")
     out(f"copy bandwidth (1 GB, read + write): {b.copy_bw:.0f} GB/s")
-    head = f"{'op':<36}{'MB':>7} | {'mpsnn ms':>9}{'GB/s':>7}{'%copy':>7} | {'torch ms':>9}{'GB/s':>7}{'%copy':>7} | {'speed-up':>8}{'rel err':>9}"
+    head = f"{'op':<36}{'MB':>7} | {'mpsnn ms':>9}{'GB/s':>7}{'%copy':>7} | {'torch ms':>9}{'GB/s':>7}{'%copy':>7} | {'speed-up':>8}{'rel err':>9} | {'host ms':>7}{'torch':>7}"
     out(head)
     out("-" * len(head))
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -21,6 +21,48 @@ from mpsnn.backends import dispatch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+def _patch_interpreter() -> None:
+    """Two repairs to Triton 3.6's interpreter. It holds scalars as 1-element arrays and
+    converts them with ``int(array)``, which NumPy 2 refuses (a ``range`` with runtime bounds
+    in a kernel then fails): scalars convert through ``.item()`` here. Its ``maxnumf`` /
+    ``minnumf`` (``tl.maximum`` / ``tl.minimum`` of floats without NaN propagation) use
+    ``np.maximum`` / ``np.minimum``, which propagate NaN, where compiled code returns the
+    number: they use ``np.fmax`` / ``np.fmin`` here. Its ``dot`` multiplies bfloat16
+    operands as their raw 16-bit patterns: they are widened to float32 first here."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    interpreter.InterpreterBuilder.create_maxnumf = lambda self, a, b: self.binary_op(a, b, np.fmax)  # type: ignore[attr-defined]
+    interpreter.InterpreterBuilder.create_minnumf = lambda self, a, b: self.binary_op(a, b, np.fmin)  # type: ignore[attr-defined]
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):  # type: ignore[no-untyped-def]
+        if h.dtype == tl.bfloat16:
+            return interpreter.TensorHandle(interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32),
+                                            tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot  # type: ignore[attr-defined]
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_mpsnn", False):
+        return
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mpsnn = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+_patch_interpreter()
+
 _ENGINES = {"batch_norm", "optimizers", "pooling", "softmax", "upsampling"}
 
 

@@ -28,7 +28,7 @@ def close(got: torch.Tensor, ref: np.ndarray, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.double().cpu(), torch.from_numpy(np.asarray(ref, np.float64)), rtol=TOL[dtype], atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sx, sy", FACTORS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_forward_and_gradient(shape: tuple[int, int, int, int], sx: int, sy: int, dtype: torch.dtype) -> None:

@@ -5,11 +5,12 @@ halves of the training gradient. float32 arithmetic in registers.
 * :func:`apply` — ``y = f(x·scale[c] + shift[c])`` (inference, or training with the batch's
   statistics folded into ``scale``/``shift``); ``f`` is any neuron of
   :mod:`mpsnn.backends.triton.neuron` (the same float32 math), or none. One read, one write.
-* :func:`statistics` — per-channel mean and biased variance over all rows. Every program sums
-  a band of rows as ``Σ (x − k)`` and ``Σ (x − k)²`` around ``k`` = the channel's value in the
-  first row (so the variance does not cancel catastrophically when the mean is large), the
-  partial sums ``[bands, 2, C]`` are added in a fixed order (no atomics: the same bits every
-  run). One read.
+* :func:`statistics` — per-channel mean and biased variance over all rows, in one launch.
+  Every program sums a band of rows as ``Σ (x − k)`` and ``Σ (x − k)²`` around ``k`` = the
+  channel's value in the first row (so the variance does not cancel catastrophically when the
+  mean is large) into ``[bands, 2, C]``; an arrival counter per channel block (one atomic add
+  per band) lets the band that arrives last add all bands in a fixed order and finish (the
+  same bits every run; the counter is left at 0 for the next launch). One read.
 * :func:`gradient_sums` — ``Σ dy`` and ``Σ dy·(x − mean)`` per channel, the same way: one read
   of each input; :func:`gradient_totals` finishes them into the statistics gradient
   (``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``) in the same small launch that adds the bands
@@ -81,6 +82,50 @@ if triton is not None:
         base = part_ptr + band.to(tl.int64) * 2 * C
         tl.store(base + c, tl.sum(s1, axis=0), mask=cm)
         tl.store(base + C + c, tl.sum(s2, axis=0), mask=cm)
+
+    @triton.jit
+    def _statistics_kernel(x_ptr, part_ptr, count_ptr, mean_ptr, var_ptr, M, C, xs, rows_per_band, bands,
+                           UNROLL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BB: tl.constexpr):
+        """Band ``program_id(1)`` of channels ``program_id(0)·BC + [0, BC)``: ``Σ(x−k)``,
+        ``Σ(x−k)²`` (``k`` = row 0) into ``part[band, 0:2, C]``; the band that arrives last (a
+        counter per channel block, reset to 0 by that band) adds all bands' sums in a fixed order
+        and writes the mean and the biased variance."""
+        cb = tl.program_id(0)
+        band = tl.program_id(1)
+        c = cb * BC + tl.arange(0, BC)
+        cm = c < C
+        kv = tl.load(x_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        s1 = tl.zeros([BR, BC], tl.float32)
+        s2 = tl.zeros([BR, BC], tl.float32)
+        r0 = band * rows_per_band
+        r_end = tl.minimum(r0 + rows_per_band, M)
+        for t in range(r0, r_end, BR * UNROLL):
+            for u in tl.static_range(UNROLL):
+                rows = t + u * BR + tl.arange(0, BR)
+                mask = (rows[:, None] < r_end) & cm[None, :]
+                v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * xs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, v - kv[None, :], 0.0)
+                s1 += d
+                s2 += d * d
+        base = part_ptr + band.to(tl.int64) * 2 * C
+        tl.store(base + c, tl.sum(s1, axis=0), mask=cm)
+        tl.store(base + C + c, tl.sum(s2, axis=0), mask=cm)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + cb, 1, sem="acq_rel", scope="gpu")
+        if done == bands - 1:
+            t1 = tl.zeros([BB, BC], tl.float32)
+            t2 = tl.zeros([BB, BC], tl.float32)
+            for b0 in range(0, bands, BB):
+                b = b0 + tl.arange(0, BB)
+                mk = (b[:, None] < bands) & cm[None, :]
+                pb = part_ptr + b[:, None].to(tl.int64) * 2 * C + c[None, :]
+                t1 += tl.load(pb, mask=mk, other=0.0, cache_modifier=".cg")
+                t2 += tl.load(pb + C, mask=mk, other=0.0, cache_modifier=".cg")
+            S1 = tl.sum(t1, axis=0)
+            S2 = tl.sum(t2, axis=0)
+            tl.store(mean_ptr + c, kv + S1 / M, mask=cm)
+            tl.store(var_ptr + c, tl.maximum(S2 - S1 * S1 / M, 0.0) / M, mask=cm)
+            tl.atomic_xchg(count_ptr + cb, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _finish_kernel(part_ptr, k_ptr, out1_ptr, out2_ptr, C, bands, m, eps, GRAD: tl.constexpr, BB: tl.constexpr,
@@ -198,11 +243,45 @@ def _finish_torch(s: torch.Tensor, kv: torch.Tensor, m: int, eps: float, grad: b
     return torch.stack([kv + s[0] / m, (s[1] - s[0] * s[0] / m).clamp_(min=0.0) / m])
 
 
+#: tuning of :func:`statistics`: channel block, rows per tile, tiles per loop step, programs
+#: per SM, warps (a sweep of 12 on an H100, ``bench/tune_memory_bound.py``)
+STATISTICS_CONFIG = {"bc": 64, "br": 64, "unroll": 2, "per_sm": 4, "warps": 4}
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """``n`` zeroed int32 arrival counters for :func:`statistics`, one set per (device,
+    stream): each launch leaves them at 0 again, and launches on one stream never overlap."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.index if device.index is not None else -1, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return buf
+
+
 def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(mean, biased variance)`` of ``x``'s pixels, float32 ``[C]``."""
-    k = x[0, 0, 0].float().contiguous()     # the first pixel: a value near every channel's mean
-    s = _band_sums(x, None, k, finish=k)
-    return s[0], s[1]
+    """Per-channel ``(mean, biased variance)`` of ``x``'s pixels, float32 ``[C]``, in one
+    launch: bands of rows sum ``(x − k)`` and ``(x − k)²`` around ``k`` = the first pixel's
+    value (a value near every channel's mean, so the variance does not cancel), and the last
+    band of each channel block to arrive adds the bands in a fixed order (the same bits every
+    run) and finishes."""
+    cfg = STATISTICS_CONFIG
+    m, c, (xs,) = _rows(x)
+    bc = min(triton.next_power_of_2(max(c, 1)), cfg["bc"])
+    br = max(1, min(cfg["br"], triton.next_power_of_2(max(m, 1))))
+    col_blocks = triton.cdiv(c, bc)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    bands = max(1, min(triton.cdiv(m, br), (cfg["per_sm"] * sms + col_blocks - 1) // col_blocks))
+    rows_per_band = triton.cdiv(triton.cdiv(m, bands), br) * br
+    bands = triton.cdiv(m, rows_per_band)
+    part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
+    out = torch.empty((2, c), dtype=torch.float32, device=x.device)
+    bb = max(1, min(triton.next_power_of_2(bands), 4096 // bc))
+    _statistics_kernel[(col_blocks, bands)](x, part, _counters(x.device, col_blocks), out[0], out[1], m, c, xs, rows_per_band,
+                                            bands, UNROLL=cfg["unroll"], BR=br, BC=bc, BB=bb, num_warps=cfg["warps"])
+    return out[0], out[1]
 
 
 def gradient_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
