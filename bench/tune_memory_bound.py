@@ -10,7 +10,6 @@ Prints one line per variant: configuration, ms, GB/s, % of the copy bandwidth, r
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -18,43 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DT = torch.bfloat16
-INNER = 5
+sys.path.insert(0, "bench")
+from bench_memory_bound import DT, ms, rel  # noqa: E402
 
 
-def spin_rate() -> float:
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    torch.cuda._sleep(10_000_000)
-    b.record()
-    torch.cuda.synchronize()
-    return 10_000_000 / a.elapsed_time(b)
-
-
-RATE: list[float] = []
-
-
-def device_ms(fn: Callable[[], Any], reps: int = 7) -> float:
-    if not RATE:
-        RATE.append(spin_rate())
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2.0 * RATE[0]))
-        a.record()
-        for _ in range(INNER):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        samples.append(a.elapsed_time(b) / INNER)
-    return statistics.median(samples)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30)).item()
+def device_ms(fn: Callable[[], Any]) -> float:
+    """Device ms per launch of ``fn()`` (bench_memory_bound's timing: back-to-back launches
+    behind a spinning kernel, median of 7 samples)."""
+    return ms(lambda _cb: fn(), 7)[0]
 
 
 class Table:
@@ -137,15 +107,12 @@ def batchnorm(tab: Table, n: int, g: torch.Generator) -> None:
     var, mean = torch.var_mean(x.float(), dim=(0, 1, 2), correction=0)
     ref = torch.stack([mean, var])
     nb = x.numel() * 2
-    k = x[0, 0, 0].float().contiguous()
-    t = device_ms(lambda: tb._band_sums(x, None, k, finish=k))
-    tab.line("statistics", "two launches (previous)", nb, t, rel(tb._band_sums(x, None, k, finish=k), ref))
-    for bc, br, unroll, per_sm, warps in ((64, 64, 4, 4, 4), (64, 64, 2, 4, 4), (64, 64, 4, 8, 4), (64, 64, 4, 2, 4),
-                                          (128, 32, 4, 4, 4), (128, 64, 2, 4, 8), (256, 16, 4, 4, 4), (256, 32, 2, 4, 8),
-                                          (64, 128, 2, 4, 8), (32, 128, 4, 4, 4), (64, 32, 8, 4, 4), (128, 32, 4, 8, 8)):
-        tb.STATISTICS_CONFIG = {"bc": bc, "br": br, "unroll": unroll, "per_sm": per_sm, "warps": warps}
+    for bc, tile, unroll, per_sm, warps in ((64, 4096, 4, 4, 4), (64, 4096, 2, 4, 4), (64, 4096, 4, 8, 4), (64, 4096, 4, 2, 4),
+                                            (128, 4096, 4, 4, 4), (128, 8192, 2, 4, 8), (256, 4096, 4, 4, 4), (256, 8192, 2, 4, 8),
+                                            (32, 2048, 4, 4, 4), (64, 2048, 8, 4, 4), (128, 4096, 4, 8, 8)):
+        tb.STATISTICS_CONFIG = {"bc": bc, "tile": tile, "unroll": unroll, "per_sm": per_sm, "warps": warps}
         t = device_ms(lambda: tb.statistics(x))
-        tab.line("statistics", f"bc{bc} br{br} u{unroll} sm{per_sm} w{warps}", nb, t, rel(torch.stack(tb.statistics(x)), ref))
+        tab.line("statistics", f"bc{bc} tile{tile} u{unroll} sm{per_sm} w{warps}", nb, t, rel(torch.stack(tb.statistics(x)), ref))
 
 
 def main(argv: list[str] | None = None) -> int:

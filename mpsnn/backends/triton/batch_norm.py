@@ -11,10 +11,9 @@ halves of the training gradient. float32 arithmetic in registers.
   mean is large) into ``[bands, 2, C]``; an arrival counter per channel block (one atomic add
   per band) lets the band that arrives last add all bands in a fixed order and finish (the
   same bits every run; the counter is left at 0 for the next launch). One read.
-* :func:`gradient_sums` — ``Σ dy`` and ``Σ dy·(x − mean)`` per channel, the same way: one read
-  of each input; :func:`gradient_totals` finishes them into the statistics gradient
-  (``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``) in the same small launch that adds the bands
-  (as :func:`statistics` finishes the mean and variance).
+* :func:`gradient_sums` — ``Σ dy`` and ``Σ dy·(x − mean)`` per channel, by bands of rows: one
+  read of each input; :func:`gradient_totals` finishes them into the statistics gradient
+  (``dβ = Σ dy``, ``dγ = rstd·Σ dy·(x − mean)``) in the small launch that adds the bands.
 * :func:`gradient_data` — ``dx = a[c]·(dy − b[c] − (x − mean[c])·d[c])`` elementwise (the data
   gradient from those sums). Two reads, one write.
 """
@@ -56,10 +55,9 @@ if triton is not None:
 
     @triton.jit
     def _sums_kernel(x_ptr, g_ptr, k_ptr, part_ptr, M, C, xs, gs,
-                     ITERS: tl.constexpr, GRAD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """Band ``program_id(1)``: S1, S2 of channels ``program_id(0)·BC + [0, BC)`` into
-        ``part[band, 0:2, C]``. Statistics: S1 = Σ(x−k), S2 = Σ(x−k)². Gradient: S1 = Σ g,
-        S2 = Σ g·(x−k)."""
+                     ITERS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """Band ``program_id(1)``: ``S1 = Σ g``, ``S2 = Σ g·(x−k)`` of channels
+        ``program_id(0)·BC + [0, BC)`` into ``part[band, 0:2, C]``."""
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         band = tl.program_id(1)
         cm = c < C
@@ -72,13 +70,9 @@ if triton is not None:
             mask = (rows[:, None] < M) & cm[None, :]
             r64 = rows.to(tl.int64)[:, None]
             d = tl.where(mask, tl.load(x_ptr + r64 * xs + c[None, :], mask=mask, other=0.0).to(tl.float32) - kv, 0.0)
-            if GRAD:
-                g = tl.load(g_ptr + r64 * gs + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                s1 += g
-                s2 += g * d
-            else:
-                s1 += d
-                s2 += d * d
+            g = tl.load(g_ptr + r64 * gs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            s1 += g
+            s2 += g * d
         base = part_ptr + band.to(tl.int64) * 2 * C
         tl.store(base + c, tl.sum(s1, axis=0), mask=cm)
         tl.store(base + C + c, tl.sum(s2, axis=0), mask=cm)
@@ -128,11 +122,9 @@ if triton is not None:
             tl.atomic_xchg(count_ptr + cb, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
-    def _finish_kernel(part_ptr, k_ptr, out1_ptr, out2_ptr, C, bands, m, eps, GRAD: tl.constexpr, BB: tl.constexpr,
-                       BC: tl.constexpr):
+    def _finish_kernel(part_ptr, var_ptr, out1_ptr, out2_ptr, C, bands, eps, BB: tl.constexpr, BC: tl.constexpr):
         """Sum the bands' ``(S1, S2)`` of channels ``program_id(0)·BC + [0, BC)`` in a fixed
-        order and finish: statistics ``mean = k + S1/m``, ``var = max(S2 − S1²/m, 0)/m``;
-        gradient ``dγ = rsqrt(var + eps)·S2`` (``k_ptr`` = the variance), ``dβ = S1``."""
+        order and finish the statistics gradient: ``dγ = rsqrt(var + eps)·S2``, ``dβ = S1``."""
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         cm = c < C
         b = tl.arange(0, BB)
@@ -140,15 +132,9 @@ if triton is not None:
         base = part_ptr + b[:, None].to(tl.int64) * 2 * C + c[None, :]
         s1 = tl.sum(tl.load(base, mask=mask, other=0.0), axis=0)
         s2 = tl.sum(tl.load(base + C, mask=mask, other=0.0), axis=0)
-        kv = tl.load(k_ptr + c, mask=cm, other=0.0)
-        if GRAD:
-            o1 = s2 / tl.sqrt(kv + eps)
-            o2 = s1
-        else:
-            o1 = kv + s1 / m
-            o2 = tl.maximum(s2 - s1 * s1 / m, 0.0) / m
-        tl.store(out1_ptr + c, o1, mask=cm)
-        tl.store(out2_ptr + c, o2, mask=cm)
+        var = tl.load(var_ptr + c, mask=cm, other=0.0)
+        tl.store(out1_ptr + c, s2 / tl.sqrt(var + eps), mask=cm)
+        tl.store(out2_ptr + c, s1, mask=cm)
 
     @triton.jit
     def _data_gradient_kernel(g_ptr, x_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, M, C, gs, xs, os,
@@ -208,44 +194,46 @@ SUMS_CONFIG = {"bc": 64, "tile": 4096, "per_sm": 8, "iters": 8, "warps": 4}
 _FINISH_BANDS = 4096
 
 
-def _band_sums(x: torch.Tensor, g: torch.Tensor | None, k: torch.Tensor, finish: torch.Tensor | None = None,
-               eps: float = 0.0) -> torch.Tensor:
-    """``[2, C]`` float32: (S1, S2) of :func:`_sums_kernel`, summed over the bands; with
-    ``finish`` (the statistics' shift ``k`` or, for the gradient, the variance) the finished
-    pair of :func:`_finish_kernel` instead: (mean, variance) or (dγ, dβ)."""
-    cfg = SUMS_CONFIG
-    tensors = (x,) if g is None else (x, g)
-    m, c, strides = _rows(*tensors)
-    bc = min(triton.next_power_of_2(max(c, 1)), cfg["bc"])
-    br = max(1, min(64, triton.next_power_of_2(max(m, 1)), cfg["tile"] // bc))
+def _bands(x: torch.Tensor, m: int, c: int, bc_max: int, tile: int, per_sm: int) -> tuple[int, int, int, int]:
+    """(channel block, rows per tile, channel blocks, bands) of a banded per-channel sum over
+    ``m`` rows of ``c`` channels: tiles of about ``tile`` elements (at most 64 rows), about
+    ``per_sm`` programs per SM in all."""
+    bc = min(triton.next_power_of_2(max(c, 1)), bc_max)
+    br = max(1, min(64, triton.next_power_of_2(max(m, 1)), tile // bc))
     col_blocks = triton.cdiv(c, bc)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    bands = max(1, min(triton.cdiv(m, br), (cfg["per_sm"] * sms + col_blocks - 1) // col_blocks))
+    return bc, br, col_blocks, max(1, min(triton.cdiv(m, br), (per_sm * sms + col_blocks - 1) // col_blocks))
+
+
+def _band_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | None = None,
+               eps: float = 0.0) -> torch.Tensor:
+    """``[2, C]`` float32: ``(Σ g, Σ g·(x − mean))`` of :func:`_sums_kernel`, summed over the
+    bands; with ``variance`` the statistics gradient ``(dγ, dβ)`` of :func:`_finish_kernel`
+    instead."""
+    cfg = SUMS_CONFIG
+    m, c, strides = _rows(x, g)
+    bc, br, col_blocks, bands = _bands(x, m, c, cfg["bc"], cfg["tile"], cfg["per_sm"])
     # tiles per band: a power of two (few compiled variants), at most cfg["iters"] (unrolled loop)
     iters = min(cfg["iters"], triton.next_power_of_2(triton.cdiv(m, bands * br)))
     bands = max(1, triton.cdiv(m, iters * br))
     part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
-    _sums_kernel[(col_blocks, bands)](x, g if g is not None else x, k, part, m, c, strides[0], strides[-1],
-                                      ITERS=iters, GRAD=g is not None, BR=br, BC=bc, num_warps=cfg["warps"])
-    if finish is None or bands > _FINISH_BANDS:
-        return part.sum(0) if finish is None else _finish_torch(part.sum(0), finish, m, eps, g is not None)
+    _sums_kernel[(col_blocks, bands)](x, g, mean, part, m, c, strides[0], strides[1], ITERS=iters, BR=br, BC=bc,
+                                      num_warps=cfg["warps"])
+    if variance is None:
+        return part.sum(0)
+    if bands > _FINISH_BANDS:
+        s = part.sum(0)
+        return torch.stack([s[1] * torch.rsqrt(variance + eps), s[0]])
     out = torch.empty((2, c), dtype=torch.float32, device=x.device)
     bb = triton.next_power_of_2(bands)
     fc = max(1, min(64, 8192 // bb, triton.next_power_of_2(c)))
-    _finish_kernel[(triton.cdiv(c, fc),)](part, finish, out[0], out[1], c, bands, float(m), float(eps), GRAD=g is not None,
-                                          BB=bb, BC=fc, num_warps=4)
+    _finish_kernel[(triton.cdiv(c, fc),)](part, variance, out[0], out[1], c, bands, float(eps), BB=bb, BC=fc, num_warps=4)
     return out
 
 
-def _finish_torch(s: torch.Tensor, kv: torch.Tensor, m: int, eps: float, grad: bool) -> torch.Tensor:
-    if grad:
-        return torch.stack([s[1] * torch.rsqrt(kv + eps), s[0]])
-    return torch.stack([kv + s[0] / m, (s[1] - s[0] * s[0] / m).clamp_(min=0.0) / m])
-
-
-#: tuning of :func:`statistics`: channel block, rows per tile, tiles per loop step, programs
-#: per SM, warps (a sweep of 12 on an H100, ``bench/tune_memory_bound.py``)
-STATISTICS_CONFIG = {"bc": 64, "br": 64, "unroll": 2, "per_sm": 4, "warps": 4}
+#: tuning of :func:`statistics`: widest channel block, tile elements, tiles per loop step,
+#: programs per SM, warps (a sweep of 12 on an H100, ``bench/tune_memory_bound.py``)
+STATISTICS_CONFIG = {"bc": 64, "tile": 4096, "unroll": 2, "per_sm": 4, "warps": 4}
 
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -269,11 +257,7 @@ def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     run) and finishes."""
     cfg = STATISTICS_CONFIG
     m, c, (xs,) = _rows(x)
-    bc = min(triton.next_power_of_2(max(c, 1)), cfg["bc"])
-    br = max(1, min(cfg["br"], triton.next_power_of_2(max(m, 1))))
-    col_blocks = triton.cdiv(c, bc)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    bands = max(1, min(triton.cdiv(m, br), (cfg["per_sm"] * sms + col_blocks - 1) // col_blocks))
+    bc, br, col_blocks, bands = _bands(x, m, c, cfg["bc"], cfg["tile"], cfg["per_sm"])
     rows_per_band = triton.cdiv(triton.cdiv(m, bands), br) * br
     bands = triton.cdiv(m, rows_per_band)
     part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
@@ -286,7 +270,7 @@ def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gradient_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel ``(Σ g, Σ g·(x − mean))`` over all pixels, float32 ``[C]``."""
-    s = _band_sums(x, g, _vec(mean, x))
+    s = _band_sums(g, x, _vec(mean, x))
     return s[0], s[1]
 
 
@@ -294,7 +278,7 @@ def gradient_totals(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, varian
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel ``(dγ, dβ) = (rsqrt(variance + eps)·Σ g·(x − mean), Σ g)``, float32 ``[C]``:
     the statistics gradient in one pass over ``g`` and ``x`` and one small finishing launch."""
-    s = _band_sums(x, g, _vec(mean, x), finish=_vec(variance, x), eps=eps)
+    s = _band_sums(g, x, _vec(mean, x), _vec(variance, x), eps)
     return s[0], s[1]
 
 

@@ -173,12 +173,15 @@ def _gradient_columns(w: int, ow: int, sx: int, align: bool, tx: int) -> int:
 BILINEAR_TILES = {"forward": (16, 4, 64, 4, 1), "gradient": (4, 16, 64, 4, 3)}
 
 
-def _rectangles(rows: int, cols: int, c: int, kind: str) -> tuple[int, int, int, int, int, int]:
-    ty, tx, bc, warps, _ = BILINEAR_TILES[kind]
-    bc = min(bc, max(16, triton.next_power_of_2(c)))
+def _rectangles(rows: int, cols: int, c: int, kind: str, least: int = 1) -> tuple[int, int, int, int, int, int, int]:
+    """(rows, columns, channels, warps, stages, row blocks, column blocks) of the ``kind``
+    kernel's rectangles over a ``rows x cols x c`` image; columns and channels at least
+    ``least`` (a matrix product's smallest size)."""
+    ty, tx, bc, warps, stages = BILINEAR_TILES[kind]
+    bc = max(least, min(bc, max(16, triton.next_power_of_2(c))))
     ty = min(ty, triton.next_power_of_2(rows))
-    tx = min(tx, triton.next_power_of_2(cols))
-    return ty, tx, bc, warps, triton.cdiv(rows, ty), triton.cdiv(cols, tx)
+    tx = max(least, min(tx, triton.next_power_of_2(cols)))
+    return ty, tx, bc, warps, stages, triton.cdiv(rows, ty), triton.cdiv(cols, tx)
 
 
 def _launch_forward(x: torch.Tensor, out: torch.Tensor, sx: int, sy: int, bilinear: bool, align: bool) -> None:
@@ -186,9 +189,10 @@ def _launch_forward(x: torch.Tensor, out: torch.Tensor, sx: int, sy: int, biline
     oh, ow = out.shape[1], out.shape[2]
     strides = (x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2))
     if bilinear:
-        ty, tx, bc, warps, tby, tbx = _rectangles(oh, ow, c, "forward")
+        ty, tx, bc, warps, stages, tby, tbx = _rectangles(oh, ow, c, "forward")
         _bilinear_forward_kernel[(n * tby * tbx, triton.cdiv(c, bc))](
-            x, out, c, h, w, oh, ow, tby, tbx, *strides, SY=sy, SX=sx, ALIGN=align, TY=ty, TX=tx, BC=bc, num_warps=warps)
+            x, out, c, h, w, oh, ow, tby, tbx, *strides, SY=sy, SX=sx, ALIGN=align, TY=ty, TX=tx, BC=bc, num_warps=warps,
+            num_stages=stages)
         return
     p = n * oh * ow
     bp, bc = _blocks(c)
@@ -201,13 +205,11 @@ def _launch_gradient(g: torch.Tensor, out: torch.Tensor, sx: int, sy: int, bilin
     oh, ow = g.shape[1], g.shape[2]
     strides = (g.stride(0), g.stride(1), g.stride(2), out.stride(0), out.stride(1), out.stride(2))
     if bilinear:
-        ty, tx, bc, warps, tby, tbx = _rectangles(h, w, c, "gradient")
-        tx, bc = max(tx, 16), max(bc, 16)                 # the matrix product's least sizes
-        tbx = triton.cdiv(w, tx)
+        ty, tx, bc, warps, stages, tby, tbx = _rectangles(h, w, c, "gradient", least=16)
         kx = max(16, triton.next_power_of_2(_gradient_columns(w, ow, sx, align, tx)))
         _bilinear_gradient_kernel[(n * tby * tbx, triton.cdiv(c, bc))](
             g, out, c, h, w, oh, ow, tby, tbx, *strides, SY=sy, SX=sx, ALIGN=align, SPLIT=g.dtype != torch.float32,
-            TY=ty, TX=tx, KX=kx, BC=bc, num_warps=warps, num_stages=BILINEAR_TILES["gradient"][4])
+            TY=ty, TX=tx, KX=kx, BC=bc, num_warps=warps, num_stages=stages)
         return
     q = n * h * w
     bp, bc = _blocks(c)
