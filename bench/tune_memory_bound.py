@@ -68,16 +68,18 @@ def pooling(tab: Table, n: int, g: torch.Generator) -> None:
             tp.POOL_TILES["forward"] = cfg
             t = device_ms(lambda: tp.pool_forward(x, y, ax, ax, tp.MAX, True))  # noqa: B023
             tab.line(f"max {k}x{k}/{s} forward", str(cfg), fb, t, rel(y, yr))
-        for acfg in ((64, 16, 4), (64, 64, 8)):
-            for gcfg in ((64, 16, 4),):
-                tp.POOL_TILES["argmax"], tp.POOL_TILES["gather"] = acfg, gcfg
-                for _ in range(1):
-                    t = device_ms(lambda: tp.pool_max_gradient(dy, x, dx, ax, ax, True))  # noqa: B023
-                    tab.line(f"max {k}x{k}/{s} gradient", f"{acfg} {gcfg}", gb + x.numel() * 2, t, rel(dx, gmax))
-                if acfg == (64, 16, 4):
-                    t = device_ms(lambda: tp.pool_average_gradient(dy, dx, ax, ax, False))  # noqa: B023
-                    tab.line(f"avg {k}x{k}/{s} gradient", str(gcfg), gb, t, rel(dx, gavg))
-        tp.POOL_TILES["argmax"], tp.POOL_TILES["gather"] = (64, 64, 8), (64, 16, 4)
+        for pack, acfg, gcfg in ((True, (64, 16, 4), (64, 16, 4)), (True, (64, 32, 8), (64, 16, 4)),
+                                 (True, (64, 64, 8), (64, 16, 4)), (True, (64, 16, 4), (64, 32, 8)),
+                                 (True, (64, 16, 4), (64, 8, 4)), (False, (64, 64, 8), (64, 16, 4))):
+            tp.PACK_WINNERS = pack
+            tp.POOL_TILES["argmax"], tp.POOL_TILES["gather"] = acfg, gcfg
+            t = device_ms(lambda: tp.pool_max_gradient(dy, x, dx, ax, ax, True))  # noqa: B023
+            tab.line(f"max {k}x{k}/{s} gradient", f"{'packed' if pack else 'int8'} {acfg} {gcfg}", gb + x.numel() * 2, t,
+                     rel(dx, gmax))
+            if pack and acfg == (64, 16, 4):
+                t = device_ms(lambda: tp.pool_average_gradient(dy, dx, ax, ax, False))  # noqa: B023
+                tab.line(f"avg {k}x{k}/{s} gradient", str(gcfg), gb, t, rel(dx, gavg))
+        tp.POOL_TILES["argmax"], tp.POOL_TILES["gather"], tp.PACK_WINNERS = (64, 16, 4), (64, 16, 4), True
         torch.cuda.empty_cache()
 
 
@@ -95,10 +97,12 @@ def upsampling(tab: Table, n: int, g: torch.Generator) -> None:
         tu.BILINEAR_TILES["forward"] = cfg
         t = device_ms(lambda: tu.bilinear_forward(x, y, 2, 2, True))
         tab.line("bilinear forward", str(cfg), nb, t, rel(y, yr))
-    for cfg in ((4, 16, 64, 4, 3), (4, 16, 64, 4, 2), (8, 16, 64, 4, 3), (2, 16, 64, 2, 3)):
+    for cfg in ((4, 32, 64, 2, 4), (4, 32, 64, 2, 5), (2, 32, 64, 2, 4), (4, 32, 64, 4, 5), (4, 16, 64, 2, 4),
+                (4, 16, 64, 4, 3), (2, 16, 64, 2, 3)):
         tu.BILINEAR_TILES["gradient"] = cfg
         t = device_ms(lambda: tu.bilinear_gradient(dy, dx, 2, 2, True))
         tab.line("bilinear gradient", str(cfg), nb, t, rel(dx, gr))
+    tu.BILINEAR_TILES["gradient"] = (4, 32, 64, 2, 4)
 
 
 def batchnorm(tab: Table, n: int, g: torch.Generator) -> None:

@@ -20,7 +20,9 @@ pytestmark = [
 ]
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-SHAPES = [(2, 5, 7, 3), (1, 1, 4, 20), (1, 2, 2, 70), (2, 9, 6, 64)]
+#: the last is wider and taller than one gradient rectangle (programs that own fewer columns
+#: than their tile, several row and column tiles)
+SHAPES = [(2, 5, 7, 3), (1, 1, 4, 20), (1, 2, 2, 70), (2, 9, 6, 64), (1, 11, 45, 8)]
 FACTORS = [(2, 2), (3, 1), (1, 4), (2, 3)]
 
 

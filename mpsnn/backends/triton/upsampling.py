@@ -114,10 +114,11 @@ if triton is not None:
         tl.store(yp, v.to(y_ptr.dtype.element_ty), mask=m3)
 
     @triton.jit
-    def _bilinear_gradient_kernel(g_ptr, d_ptr, C, H, W, OH, OW, TBY, TBX, gs_n, gs_h, gs_w, ds_n, ds_h, ds_w,
+    def _bilinear_gradient_kernel(g_ptr, d_ptr, C, H, W, OH, OW, TBY, TBX, TXO, gs_n, gs_h, gs_w, ds_n, ds_h, ds_w,
                                   SY: tl.constexpr, SX: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
                                   TY: tl.constexpr, TX: tl.constexpr, KX: tl.constexpr, BC: tl.constexpr):
-        """The adjoint, separably, for a rectangle of ``TY x TX`` source pixels. The output
+        """The adjoint, separably, for a rectangle of ``TY x TXO`` source pixels (computed as
+        ``TY x TX``, the last ``TX − TXO`` columns unused: see ``_gradient_tile``). The output
         columns that read the rectangle's columns are ``s0 + [0, KX)``; their weights onto
         the rectangle's columns form a ``[TX, KX]`` matrix ``Wx`` built once. Then for every
         output row ``t`` that reads one of the rectangle's rows: ``h = Wx @ g[t, s0:s0+KX]``
@@ -128,15 +129,17 @@ if triton is not None:
         y, x, c, n = _tile3(C, TBY, TBX, TY, TX, BC)
         cm = c < C
         bx = tl.program_id(0) % TBX
+        x = bx * TXO + tl.arange(0, TX)                # the first TXO columns are this program's
+        xm = (x < W) & (tl.arange(0, TX) < TXO)
         ylo = tl.program_id(0) // TBX % TBY * TY
         yhi = tl.minimum(ylo + TY - 1, H - 1)
         t_first = _first_reader(ylo, H, OH, SY, ALIGN)
         t_end = tl.where(yhi + 2 <= H - 1, _first_reader(yhi + 2, H, OH, SY, ALIGN), OH)
-        s0 = _first_reader(bx * TX, W, OW, SX, ALIGN)
+        s0 = _first_reader(bx * TXO, W, OW, SX, ALIGN)
         s = s0 + tl.arange(0, KX)
         sx0, sx1, fx = _axis_taps(s, W, OW, SX, ALIGN)
         wx = tl.where(sx0[None, :] == x[:, None], 1.0 - fx[None, :], 0.0) + tl.where(sx1[None, :] == x[:, None], fx[None, :], 0.0)
-        wx = tl.where((s < OW)[None, :] & (x < W)[:, None], wx, 0.0)          # [TX, KX]
+        wx = tl.where((s < OW)[None, :] & xm[:, None], wx, 0.0)               # [TX, KX]
         if SPLIT:
             w_hi = wx.to(g_ptr.dtype.element_ty)
             w_lo = (wx - w_hi.to(tl.float32)).to(g_ptr.dtype.element_ty)
@@ -155,7 +158,7 @@ if triton is not None:
                 h = tl.dot(wx, gt.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
             acc += wy[:, None, None] * h[None, :, :]
         dp = d_ptr + n * ds_n + (y.to(tl.int64) * ds_h)[:, None, None] + (x.to(tl.int64) * ds_w)[None, :, None] + c[None, None, :]
-        tl.store(dp, acc.to(d_ptr.dtype.element_ty), mask=(y < H)[:, None, None] & (x < W)[None, :, None] & cm[None, None, :])
+        tl.store(dp, acc.to(d_ptr.dtype.element_ty), mask=(y < H)[:, None, None] & xm[None, :, None] & cm[None, None, :])
 
 
 def _gradient_columns(w: int, ow: int, sx: int, align: bool, tx: int) -> int:
@@ -168,9 +171,24 @@ def _gradient_columns(w: int, ow: int, sx: int, align: bool, tx: int) -> int:
     return -(-(tx + 1) * (ow - 1) // (w - 1)) + 2
 
 
+def _gradient_tile(w: int, ow: int, sx: int, align: bool, tx: int) -> tuple[int, int]:
+    """(source columns a gradient program owns, output columns it reads: the product's ``KX``)
+    for a ``tx``-column rectangle. The readers of ``tx`` columns span a little more than a
+    power of two (``2·tx + 2`` at factor 2), which would double ``KX`` for a few columns:
+    when owning at least three quarters of ``tx`` keeps the span within half that power of
+    two, the program owns only those columns (its last ones stay unused)."""
+    kx = max(16, triton.next_power_of_2(_gradient_columns(w, ow, sx, align, tx)))
+    own = tx
+    while own > 1 and _gradient_columns(w, ow, sx, align, own) > kx // 2:
+        own -= 1
+    if kx // 2 >= 16 and 4 * own >= 3 * tx:
+        return own, kx // 2
+    return tx, kx
+
+
 #: rectangle of the bilinear kernels: (rows, columns, channels, warps, pipeline stages),
 #: chosen by ``bench/tune_memory_bound.py`` on an H100 (bfloat16, 64 channels)
-BILINEAR_TILES = {"forward": (16, 4, 64, 4, 1), "gradient": (4, 16, 64, 4, 3)}
+BILINEAR_TILES = {"forward": (16, 4, 64, 4, 1), "gradient": (4, 32, 64, 2, 4)}
 
 
 def _rectangles(rows: int, cols: int, c: int, kind: str, least: int = 1) -> tuple[int, int, int, int, int, int, int]:
@@ -205,10 +223,10 @@ def _launch_gradient(g: torch.Tensor, out: torch.Tensor, sx: int, sy: int, bilin
     oh, ow = g.shape[1], g.shape[2]
     strides = (g.stride(0), g.stride(1), g.stride(2), out.stride(0), out.stride(1), out.stride(2))
     if bilinear:
-        ty, tx, bc, warps, stages, tby, tbx = _rectangles(h, w, c, "gradient", least=16)
-        kx = max(16, triton.next_power_of_2(_gradient_columns(w, ow, sx, align, tx)))
-        _bilinear_gradient_kernel[(n * tby * tbx, triton.cdiv(c, bc))](
-            g, out, c, h, w, oh, ow, tby, tbx, *strides, SY=sy, SX=sx, ALIGN=align, SPLIT=g.dtype != torch.float32,
+        ty, tx, bc, warps, stages, tby, _ = _rectangles(h, w, c, "gradient", least=16)
+        txo, kx = _gradient_tile(w, ow, sx, align, tx)
+        _bilinear_gradient_kernel[(n * tby * triton.cdiv(w, txo), triton.cdiv(c, bc))](
+            g, out, c, h, w, oh, ow, tby, triton.cdiv(w, txo), txo, *strides, SY=sy, SX=sx, ALIGN=align, SPLIT=g.dtype != torch.float32,
             TY=ty, TX=tx, KX=kx, BC=bc, num_warps=warps, num_stages=stages)
         return
     q = n * h * w
