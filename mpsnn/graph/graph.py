@@ -31,6 +31,7 @@ Decisions (``(inferred)``):
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,6 +40,7 @@ from ..core.device import Device, MTLCommandBuffer, as_device
 from ..core.enums import MPSImageFeatureChannelFormat
 from ..core.errors import MPSError, MPSTypeError, MPSValueError, value_error
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
+from .capture import captured_encode
 from .nodes.base import MPSNNFilterNode, MPSNNImageNode, handle_label
 from .plan import GraphPlan, PlannedStep, make_plan
 
@@ -167,6 +169,9 @@ class MPSNNGraph:
         self._encode_count = 0
         self._lock = threading.Lock()
         self._kernels: dict[int, Any] = {}
+        self._use_cuda_graph = False
+        self._generation = 0                          # bumped when weights are reloaded (captures drop)
+        self._captures: OrderedDict[Any, Any] = OrderedDict()
         for st in self._plan.steps:
             try:
                 self._kernels[id(st.node)] = st.node._build_kernel(self._device)
@@ -195,6 +200,23 @@ class MPSNNGraph:
         if fmt not in (_F.float16, _F.float32, _F.bfloat16):
             raise value_error("MPSNNGraph", "format", fmt.name, "be float16, float32 or bfloat16 (the storage formats kernels write)")
         self._format = fmt
+        self._captures.clear()
+
+    @property
+    def use_cuda_graph(self) -> bool:
+        """mpsnn extension (default False): record each encode once as a CUDA graph and replay
+        it on later encodes of the same shapes (CUDA only; the CPU ignores it). Results of a
+        replayed encode are the capture's images, overwritten by the next encode. The rules,
+        and what is refused: :mod:`mpsnn.graph.capture`."""
+        return self._use_cuda_graph
+
+    @use_cuda_graph.setter
+    def use_cuda_graph(self, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise value_error("MPSNNGraph", "use_cuda_graph", value, "be a bool")
+        self._use_cuda_graph = value
+        if not value:
+            self._captures.clear()
 
     @property
     def destination_image_allocator(self) -> MPSImageAllocator:
@@ -251,7 +273,9 @@ class MPSNNGraph:
 
     def reload_from_data_sources(self) -> None:
         """Re-read the parameters of every node of this graph that has a data source. No work
-        of this graph may be in flight."""
+        of this graph may be in flight. Drops the graph's CUDA-graph captures."""
+        self._generation += 1
+        self._captures.clear()
         for st in self._plan.steps:
             try:
                 st.node._reload(self._kernels[id(st.node)])
@@ -326,8 +350,9 @@ class MPSNNGraph:
             raise MPSTypeError(f"MPSNNGraph: `{name}` must be a list, but got {type(value).__name__}")
         return list(value)
 
-    def _stack_sources(self, cb: MTLCommandBuffer, batches: list[list[MPSImage]]) -> tuple[list[MPSImage], list[int]]:
-        """One image per source handle holding the whole batch, and the per-entry image counts."""
+    def _stack_sources(self, cb: MTLCommandBuffer, batches: list[list[MPSImage]], check_only: bool = False) -> tuple[list[MPSImage], list[int]]:
+        """One image per source handle holding the whole batch, and the per-entry image counts
+        (``check_only``: validate the batches, stack nothing)."""
         plan = self._plan
         if len(batches) != len(plan.source_images):
             raise value_error("MPSNNGraph", "source_images", f"{len(batches)} sources",
@@ -365,6 +390,8 @@ class MPSNNGraph:
                                       f"match entry 0 ({first.width}x{first.height}x{first.feature_channels} {first.feature_channel_format.name})")
                 if img.device != self._device:
                     raise value_error("MPSNNGraph", f"source_images[{i}][{k}].device", img.device, f"be the graph's device {self._device}")
+            if check_only:
+                continue
             desc = MPSImageDescriptor._trusted(first.feature_channel_format, first.width, first.height, first.feature_channels, sum(counts))
             big = MPSTemporaryImage(cb, desc)
             big.read_count = max(1, reads)
@@ -398,11 +425,23 @@ class MPSNNGraph:
         if given != nstates:
             raise value_error("MPSNNGraph", "source_states", f"{given} states" if source_states is not None else None,
                               f"match the graph's {nstates} source state handles {[handle_label(h) for h in (self.source_state_handles or [])]}")
-        stacked, counts = self._stack_sources(cb, batches)
-        entries = len(counts)
+        entries = len(batches[0]) if batches else 1
         for j, b in enumerate(source_states or []):
             if len(b) != entries:
                 raise value_error("MPSNNGraph", f"source_states[{j}]", f"a batch of {len(b)}", f"have the batch length of the source images ({entries})")
+        if self._use_cuda_graph and cb.stream is not None:
+            self._stack_sources(cb, batches, check_only=True)
+            done, result = captured_encode(self, cb, batches, source_states, intermediate_images, destination_states)
+            if done:
+                return result
+        stacked, counts = self._stack_sources(cb, batches)
+        return self._run_steps(cb, stacked, counts, source_states, intermediate_images, destination_states)
+
+    def _run_steps(self, cb: MTLCommandBuffer, stacked: list[Any], counts: list[int], source_states: list[list[Any]] | None,
+                   intermediate_images: list[Any] | None, destination_states: list[Any] | None) -> list[MPSImage] | None:
+        """Encode every planned filter on ``cb`` over the stacked sources (one image per
+        source handle, or a batch of consecutive views of one); results split by ``counts``."""
+        plan = self._plan
         with self._lock:
             index = self._encode_count
             self._encode_count += 1

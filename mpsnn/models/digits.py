@@ -167,18 +167,21 @@ def _features(x: MPSNNImageNode, ds: list[DigitsDataSource]) -> MPSNNImageNode:
 def build_digits_graphs(device: Device, data_sources: list[DigitsDataSource], batch_size: int, *,
                         graph_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float16,
                         gradient_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32,
-                        label_smoothing: float = 0.0, keep_probability: float = 0.5, dropout_seed: int = 1,
+                        label_smoothing: float = 0.0, keep_probability: float | None = 0.5, dropout_seed: int = 1,
                         normalize_input: bool = False, node_handler: Callable[..., Any] | None = None) -> DigitsGraphs:
     """Build the sample's training graph (``training_graph`` from the loss node; its one
     terminal is conv1's gradient node, whose result is dL/d(input)) and inference graph.
 
     ``normalize_input`` adds a linear neuron ``(x - MNIST_MEAN) / MNIST_STD`` in front of
-    conv1 in both graphs (not in the sample)."""
+    conv1 in both graphs (not in the sample). ``keep_probability`` None leaves the dropout
+    node out (not in the sample; a training graph that :attr:`MPSNNGraph.use_cuda_graph`
+    can capture, see :mod:`mpsnn.graph.capture`)."""
     ds = data_sources
     x = MPSNNImageNode(None)
     hidden = _features(_normalized(x) if normalize_input else x, ds)
-    drop = MPSCNNDropoutNode(hidden, keep_probability, dropout_seed)
-    f2 = MPSCNNFullyConnectedNode(drop.result_image, ds[3])
+    if keep_probability is not None:
+        hidden = MPSCNNDropoutNode(hidden, keep_probability, dropout_seed).result_image
+    f2 = MPSCNNFullyConnectedNode(hidden, ds[3])
     f2.label = "fc2"
     desc = MPSCNNLossDescriptor.cnn_loss_descriptor(MPSCNNLossType.softMaxCrossEntropy, MPSCNNReductionType.sum)
     desc.weight = 1.0 / batch_size

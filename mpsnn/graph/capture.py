@@ -1,0 +1,253 @@
+"""Whole encodes of an :class:`~mpsnn.MPSNNGraph` recorded once as a CUDA graph and replayed
+(mpsnn extension, switched on by ``graph.use_cuda_graph = True``; CUDA only).
+
+A graph encode launches dozens of kernels, each after some Python work; for a small network
+the host is slower than the device. A CUDA graph replays all of them from one host call.
+
+How an encode runs when ``use_cuda_graph`` is on (spec is silent; mpsnn's decisions):
+
+* **Signature.** Every encode computes a key: the graph's format, its weights generation
+  (bumped by :meth:`~mpsnn.MPSNNGraph.reload_from_data_sources`), and per source the batch
+  length, per-entry image counts, sizes and formats; per source state the shapes of a
+  :class:`~mpsnn.MPSCNNLossLabels`' images, or the identity of any other state object.
+* **First encode of a key: eager**, exactly as without the switch. It also warms up
+  everything a capture may not do (Triton compilation, cuBLAS/cuDNN handles, optimizer
+  tables).
+* **Second encode of a key: captured, then replayed.** The graph makes static copies of the
+  stacked source images and of the loss labels (one image per entry, as the caller's), records
+  the whole encode (forward, gradients, data-source updates with their optimizers, whose
+  deferred multi-tensor launches are flushed inside the capture) on a side stream, then
+  replays it. Capturing synchronises the host with the device once (``torch.cuda.graph``).
+* **Later encodes of a key: replayed.** The caller's source tensors and labels are copied
+  into the static ones (one launch each, skipped where the caller passes the static
+  storage), the CUDA graph is replayed on the command buffer's stream, and the loss images
+  are copied back into the caller's labels (one launch). No host synchronisation.
+* **Results are the capture's images.** Every replay of a key returns the same result,
+  intermediate and state objects, overwritten by the next replay: copy what must outlive
+  the next encode (as with any CUDA-graph runner).
+* **Host-side values are those of the capture.** Python code in the nodes, data sources and
+  optimizers does not run at a replay: a learning rate changed on the host, an optimizer's
+  host ``time_step`` (Adam's device step count does advance) or a data source's Python
+  counters stay as captured. A data source must update its weights in place (the same
+  tensors), as :class:`~mpsnn.models.digits.DigitsDataSource` does; reloading weights from
+  the data sources drops every capture.
+* **Refused** (:class:`~mpsnn.MPSValueError`, at the encode that would capture): dropout
+  nodes (their mask is drawn from a host seed per encode, which a replay would repeat) and trainable nodes with ``training_style`` ``updateDeviceCPU`` (a
+  completion handler on the host). Other source states than loss labels must be passed as
+  the same objects for a replay (another object is another key, a new capture).
+* At most :data:`MAX_CAPTURES` keys are kept per graph (least recently used dropped); the CPU
+  ignores the switch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Hashable
+
+import torch
+
+from ..core.device import MTLCommandBuffer, flush_deferred
+from ..core.enums import MPSNNTrainingStyle
+from ..core.errors import MPSError, MPSStateError, MPSValueError
+from ..images.image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from ..kernels.loss_labels import MPSCNNLossLabels
+
+if TYPE_CHECKING:
+    from .graph import MPSNNGraph
+
+#: captured keys kept per graph (least recently used dropped first)
+MAX_CAPTURES = 4
+
+
+class _Captured:
+    """One recorded encode: the CUDA graph, its static inputs and what it returns."""
+
+    __slots__ = ("cuda_graph", "sources", "labels", "result", "intermediate", "states", "command_buffer")
+
+    def __init__(self) -> None:
+        self.cuda_graph: Any = None
+        self.sources: list[MPSImage] = []                  # one stacked static image per source handle
+        self.labels: list[list[Any]] = []                  # per source state handle: the static entries
+        self.result: list[MPSImage] | None = None
+        self.intermediate: list[Any] | None = None
+        self.states: list[Any] | None = None
+        self.command_buffer: MTLCommandBuffer | None = None  # keeps the capture's temporary storage
+
+
+def _labels_tensors(lab: MPSCNNLossLabels) -> list[torch.Tensor]:
+    w = lab.weights_image()
+    return [lab.labels_image().tensor] + ([] if w is None else [w.tensor])
+
+
+def signature(graph: "MPSNNGraph", batches: list[list[MPSImage]], states: list[list[Any]] | None, want_intermediate: bool,
+              want_states: bool) -> Hashable:
+    src = tuple(tuple((img.number_of_images, img.height, img.width, img.feature_channels, int(img.feature_channel_format))
+                      for img in b) for b in batches)
+    sts: list[Any] = []
+    for b in states or []:
+        row: list[Any] = []
+        for s in b:
+            if isinstance(s, MPSCNNLossLabels):
+                row.append(("labels", tuple(tuple(t.shape) for t in _labels_tensors(s)), tuple(s.loss_image().tensor.shape)))
+            elif getattr(s, "is_temporary", False):
+                raise MPSValueError(f"MPSNNGraph: `use_cuda_graph`: source state {s!r} must not be temporary (a replay reuses "
+                                    f"the states it captured; only MPSCNNLossLabels are copied in)")
+            else:
+                row.append(("object", id(s)))
+        sts.append(tuple(row))
+    return (int(graph.format), graph._generation, src, tuple(sts), want_intermediate, want_states)
+
+
+def check_capturable(graph: "MPSNNGraph") -> None:
+    """Refuse the nodes a replay would run wrongly (see the module docstring)."""
+    from .nodes.dropout import MPSCNNDropoutGradientNode, MPSCNNDropoutNode
+    for st in graph.plan.steps:
+        node = st.node
+        if isinstance(node, (MPSCNNDropoutNode, MPSCNNDropoutGradientNode)):
+            raise MPSValueError(f"MPSNNGraph: `use_cuda_graph` cannot capture node {node._describe()}: its dropout mask "
+                                f"(keep_probability {node.keep_probability}) is drawn from a host seed per encode, which a replay "
+                                f"would repeat; encode this graph with use_cuda_graph False")
+        if getattr(node, "_training_style", None) == MPSNNTrainingStyle.updateDeviceCPU:
+            raise MPSValueError(f"MPSNNGraph: `use_cuda_graph` cannot capture node {node._describe()}: its training_style "
+                                f"updateDeviceCPU updates weights in a host completion handler; use updateDeviceGPU or "
+                                f"use_cuda_graph False")
+
+
+def _copy_in(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    pairs = [(d, s) for d, s in zip(dst, src) if d.data_ptr() != s.data_ptr()]
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+def _source_tensors(batch: list[MPSImage]) -> torch.Tensor | list[torch.Tensor]:
+    from .graph import _whole_parent
+    if len(batch) == 1:
+        return batch[0].tensor
+    whole = _whole_parent(batch)
+    return whole.tensor if whole is not None else [img.tensor for img in batch]
+
+
+def _load_inputs(cap: _Captured, batches: list[list[MPSImage]], states: list[list[Any]] | None) -> None:
+    """Copy the caller's sources and labels into the static ones (on the current stream)."""
+    for static, b in zip(cap.sources, batches):
+        src = _source_tensors(b)
+        if isinstance(src, list):
+            torch.cat(src, out=static.tensor)
+        elif src.data_ptr() != static.tensor.data_ptr():
+            static.tensor.copy_(src)
+    dst: list[torch.Tensor] = []
+    got: list[torch.Tensor] = []
+    for statics, b in zip(cap.labels, states or []):
+        for s_static, s in zip(statics, b):
+            if isinstance(s, MPSCNNLossLabels):
+                dst += _labels_tensors(s_static)
+                got += _labels_tensors(s)
+    _copy_in(dst, got)
+
+
+def _store_losses(cap: _Captured, states: list[list[Any]] | None) -> None:
+    dst: list[torch.Tensor] = []
+    got: list[torch.Tensor] = []
+    for statics, b in zip(cap.labels, states or []):
+        for s_static, s in zip(statics, b):
+            if isinstance(s, MPSCNNLossLabels) and s is not s_static:
+                dst.append(s.loss_image().tensor)
+                got.append(s_static.loss_image().tensor)
+    _copy_in(dst, got)
+
+
+def _static_labels(graph: "MPSNNGraph", s: Any) -> Any:
+    if not isinstance(s, MPSCNNLossLabels):
+        return s
+    def image(t: torch.Tensor) -> MPSImage:
+        fmt = s.labels_image().feature_channel_format
+        return MPSImage(graph.device, MPSImageDescriptor._trusted(fmt, t.shape[2], t.shape[1], t.shape[3], 1))
+    w = s.weights_image()
+    return MPSCNNLossLabels(graph.device, loss_image_size=s.loss_image_size, labels_image=image(s.labels_image().tensor),
+                            weights_image=None if w is None else image(w.tensor))
+
+
+def _consume_caller_reads(graph: "MPSNNGraph", batches: list[list[MPSImage]], states: list[list[Any]] | None) -> None:
+    """What the eager encode does to the caller's temporary sources: their read counts drop."""
+    plan = graph.plan
+    for i, b in enumerate(batches):
+        for img in b:
+            if isinstance(img, MPSTemporaryImage):
+                for _ in range(plan.source_image_reads[i]):
+                    img.consume_read()
+    for j, b in enumerate(states or []):
+        for s in b:
+            if isinstance(s, MPSCNNLossLabels) and s.is_temporary:
+                for _ in range(plan.source_state_reads[j]):
+                    s.consume_read()
+
+
+def _capture(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[list[MPSImage]], states: list[list[Any]] | None,
+             want_intermediate: bool, want_states: bool) -> _Captured:
+    check_capturable(graph)
+    cap = _Captured()
+    counts = [img.number_of_images for img in batches[0]] if batches else [1]
+    for b in batches:
+        first = b[0]
+        cap.sources.append(MPSImage(graph.device, MPSImageDescriptor._trusted(first.feature_channel_format, first.width, first.height,
+                                                                                first.feature_channels, sum(counts))))
+    cap.labels = [[_static_labels(graph, s) for s in b] for b in states or []]
+    # allocate the static storage now: an image allocates (and zero-fills) on first use, and a
+    # fill recorded in the capture would wipe the inputs copied in before every replay
+    allocated = [img.tensor for img in cap.sources]
+    for b in cap.labels:
+        for s in b:
+            if isinstance(s, MPSCNNLossLabels):
+                allocated += _labels_tensors(s) + [s.loss_image().tensor]
+    del allocated
+    flush_deferred()                    # other command buffers' queued work must not land in the capture
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(graph.device.torch_device)
+    inter: list[Any] | None = [] if want_intermediate else None
+    dstates: list[Any] | None = [] if want_states else None
+    try:
+        with torch.cuda.graph(g, stream=side):
+            icb = graph.device.make_command_queue().make_command_buffer()
+            result = graph._run_steps(icb, cap.sources, counts, cap.labels or None, inter, dstates)
+            icb.flush_deferred()
+    except MPSError:
+        raise
+    except RuntimeError as e:
+        raise MPSStateError(f"MPSNNGraph: `use_cuda_graph`: capturing the encode failed ({e}); encode this graph with "
+                              f"use_cuda_graph False") from e
+    if icb._completed_handlers:
+        raise MPSValueError("MPSNNGraph: `use_cuda_graph` cannot capture this encode: a node added a completion handler "
+                            "(host work a replay would skip); encode this graph with use_cuda_graph False")
+    cap.cuda_graph, cap.command_buffer = g, icb
+    cap.result, cap.intermediate, cap.states = result, inter, dstates
+    return cap
+
+
+def captured_encode(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[list[MPSImage]], states: list[list[Any]] | None,
+                    intermediate_images: list[Any] | None, destination_states: list[Any] | None) -> tuple[bool, list[MPSImage] | None]:
+    """Run ``graph``'s encode through its captures: ``(False, None)`` when this encode must
+    run eagerly (the first of its key), else ``(True, result)``."""
+    key = signature(graph, batches, states, intermediate_images is not None, destination_states is not None)
+    table: OrderedDict[Hashable, _Captured | None] = graph._captures
+    if key not in table:
+        table[key] = None
+        while len(table) > MAX_CAPTURES:
+            table.popitem(last=False)
+        return False, None
+    table.move_to_end(key)
+    cap = table[key]
+    if cap is None:
+        cap = table[key] = _capture(graph, cb, batches, states, intermediate_images is not None, destination_states is not None)
+    with cb.encoding("MPSNNGraph"):
+        _load_inputs(cap, batches, states)
+        cap.cuda_graph.replay()
+        _store_losses(cap, states)
+    _consume_caller_reads(graph, batches, states)
+    graph._encode_count += 1
+    if intermediate_images is not None:
+        intermediate_images.extend(cap.intermediate or [])
+    if destination_states is not None:
+        destination_states.extend(cap.states or [])
+    return True, None if cap.result is None else list(cap.result)
+
+
+__all__ = ["MAX_CAPTURES", "captured_encode", "check_capturable", "signature"]
