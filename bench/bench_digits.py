@@ -59,8 +59,10 @@ class TorchDigits(torch.nn.Module):
         super().__init__()
         w = [d.weights_tensor.detach() for d in ds]
         b = [d.biases_tensor.detach() for d in ds]
-        self.w1 = torch.nn.Parameter(w[0].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
-        self.w2 = torch.nn.Parameter(w[1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+        # clones: an OHWI tensor permuted to OIHW already is channels-last, and `contiguous`
+        # would share its storage with the data source
+        self.w1 = torch.nn.Parameter(w[0].permute(0, 3, 1, 2).clone(memory_format=torch.channels_last))
+        self.w2 = torch.nn.Parameter(w[1].permute(0, 3, 1, 2).clone(memory_format=torch.channels_last))
         # a fully connected layer's weights are [Cout][width][height][Cin] (convolution.md §14):
         # to (h, w, c), the NHWC flatten order
         self.w3 = torch.nn.Parameter(w[2].permute(0, 2, 1, 3).reshape(w[2].shape[0], -1).clone())

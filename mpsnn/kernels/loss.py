@@ -148,6 +148,39 @@ class _Labelled(NamedTuple):
     h: int
 
 
+
+def _stacked_parent(images: Sequence[MPSImage]) -> MPSImage | None:
+    """The image whose consecutive one-image views (every channel) ``images`` are, in order,
+    covering all of it; None otherwise."""
+    parent = images[0].parent
+    if parent is None or parent.parent is not None or parent.number_of_images != len(images):
+        return None
+    for k, img in enumerate(images):
+        if img.parent is not parent or img._view != (k, k + 1, 0, parent.feature_channels):
+            return None
+    return parent
+
+
+def _same_labels(labels: Sequence[MPSCNNLossLabels]) -> bool:
+    """Every labels object has entry 0's labels, weights and loss image shapes."""
+    def shape(lab: MPSCNNLossLabels) -> tuple[Any, ...]:
+        w = lab.weights_image()
+        return (tuple(lab.labels_image().tensor.shape), None if w is None else tuple(w.tensor.shape), lab.loss_image_size)
+    first = shape(labels[0])
+    return all(shape(lab) == first for lab in labels[1:])
+
+
+def _stack_tensors(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of equal ``[1, ...]`` slices, without a copy when they are consecutive
+    slices of one tensor."""
+    base = parts[0]
+    step = base.stride(0)
+    if all(p.shape == base.shape and p.stride() == base.stride() and p.data_ptr() == base.data_ptr() + k * step * p.element_size()
+           for k, p in enumerate(parts)):
+        return base.as_strided((len(parts), *base.shape[1:]), base.stride())
+    return torch.cat(parts)
+
+
 class _LabelledLossKernel(MPSCNNKernel):
     """What :class:`MPSCNNLoss` and :class:`~mpsnn.MPSCNNYOLOLoss` share: the four encode forms
     with an :class:`MPSCNNLossLabels` per source image, the reading of a region's predictions,
@@ -193,16 +226,37 @@ class _LabelledLossKernel(MPSCNNKernel):
                 for s in srcs:
                     self._check_no_alias(self._check_image("destination_image", d, cb), s)
         self._pending: list[Any] = []
+        stack = self._stackable(srcs, dests, labs)
         try:
-            for s, d, lab in zip(srcs, dests, labs):
-                self._encode_checked(cb, s, d, lab)
+            if stack is not None:
+                # one pass over the whole batch: entry 0's geometry is every entry's
+                self._stack = (*stack, labs)
+                self._encode_checked(cb, srcs[0], dests[0], labs[0])
+            else:
+                for s, d, lab in zip(srcs, dests, labs):
+                    self._encode_checked(cb, s, d, lab)
             if labs:
                 with cb.encoding(self._name()):
                     self._finish(labs)
         finally:
             self._pending = []
+            self._stack = None
         _consume([*srcs, *labs])
         return dests if allocate else None
+
+    #: whether the kernel can encode a batch of one-image views of one image in one pass
+    _batched = False
+    _stack: tuple[MPSImage, MPSImage, list[MPSCNNLossLabels]] | None = None
+
+    def _stackable(self, srcs: list[MPSImage], dests: list[MPSImage], labs: list[MPSCNNLossLabels]) -> tuple[MPSImage, MPSImage] | None:
+        """(source parent, destination parent) when the batch can be encoded in one pass:
+        sources and destinations are consecutive one-image views of one image each, the
+        labels agree in shapes, and ``offset.z`` is 0 (the batch is what the graph hands a
+        loss node). The numbers are the per-entry encodes' (mpsnn decision)."""
+        if not self._batched or len(srcs) < 2 or self._offset.z != 0 or not _same_labels(labs):
+            return None
+        p, q = _stacked_parent(srcs), _stacked_parent(dests)
+        return None if p is None or q is None else (p, q)
 
     def _check_source(self, name: str, src: MPSImage) -> None:
         """Refuse a source image before any encode (nothing to check here)."""
@@ -239,6 +293,18 @@ class _LabelledLossKernel(MPSCNNKernel):
                               f"be the source size {src.width}x{src.height}x{n} for reduction none (per-element losses)")
         loss_view = labels.loss_image().tensor[:, sy:sy + h, sx:sx + w, :n] if per_element else None
         return _Labelled(labels, y, t, wt, loss_view, scalar, n, w, h)
+
+    def _read_labelled_batch(self, src: MPSImage, inp: InputGeometry, region: Region, state: MPSState | None) -> tuple[_Labelled, list[MPSCNNLossLabels]]:
+        """:meth:`_read_labelled` for the whole batch of ``self._stack`` (entry 0's geometry,
+        checked by reading entry 0): predictions, labels and weights ``[N, h, w, n]``."""
+        r = self._read_labelled(src, inp, region, state)
+        parent, _, labs = self._stack  # type: ignore[misc]
+        sx, sy = inp.window_left, inp.window_top
+        n, w, h = r.n, r.w, r.h
+        y = read_window(parent.tensor[:, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
+        t = _stack_tensors([lab.labels_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs])
+        wt = None if r.wt is None else _stack_tensors([lab.weights_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs])  # type: ignore[union-attr]
+        return _Labelled(r.labels, y, t, wt, r.loss_view, r.scalar, n, w, h), labs
 
     @staticmethod
     def _write_batch_total(labels: list[MPSCNNLossLabels], value: torch.Tensor) -> None:
@@ -292,9 +358,14 @@ class MPSCNNLoss(_LossParameters, _LabelledLossKernel):
         d = _descriptor(type(self).__name__, loss_descriptor)
         _check_cosine(type(self).__name__, d)
         self._take(d)
-        self._pending: list[tuple[MPSCNNLossLabels, torch.Tensor, torch.Tensor, int]] = []
+        self._pending: list[tuple[Any, torch.Tensor, torch.Tensor, int]] = []
+
+    _batched = True
 
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
+        if self._stack is not None:
+            self._encode_batch_region(inp, region, state)
+            return
         r = self._read_labelled(src, inp, region, state)
         if self._loss_type == _T.cosineDistance and not r.scalar:
             size = r.labels.loss_image_size
@@ -310,10 +381,42 @@ class MPSCNNLoss(_LossParameters, _LabelledLossKernel):
             elements = r.w * r.h * (1 if self._loss_type == _T.softMaxCrossEntropy else r.n)
             self._pending.append((r.labels, B.sum_weighted(lval, we), B.nonzero_count(we, lval), elements))
 
+    def _encode_batch_region(self, inp: InputGeometry, region: Region, state: MPSState | None) -> None:
+        """The region of every entry of ``self._stack`` in one pass (the per-entry math on
+        ``[N, h, w, n]`` tensors; per-entry sums are reductions over the last three axes)."""
+        _, dest, _ = self._stack  # type: ignore[misc]
+        r, labs = self._read_labelled_batch(self._stack[0], inp, region, state)  # type: ignore[index]
+        if self._loss_type == _T.cosineDistance and not r.scalar:
+            size = r.labels.loss_image_size
+            raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}", "be 1x1x1 for cosineDistance (one value per image)")
+        kind = int(self._loss_type)
+        ts = _smoothed(self, r.t, self._label_smoothing)
+        we = B.effective_weights(self._weight, r.wt)
+        whole = Region(0, len(labs), region.x0, region.y0, region.width, region.height, region.c0, region.channels)
+        write_result(dest, whole, B.loss_gradient(kind, r.y, ts, self._epsilon, self._delta) * we)
+        lval = B.loss_elementwise(kind, r.y, ts, self._epsilon, self._delta)
+        if not r.scalar:
+            sx, sy = inp.window_left, inp.window_top
+            views = [lab.loss_image().tensor[:, sy:sy + r.h, sx:sx + r.w, :r.n] for lab in labs]
+            torch._foreach_copy_(views, list((lval * we).to(torch.float32).split(1)))
+            return
+        elements = r.w * r.h * (1 if self._loss_type == _T.softMaxCrossEntropy else r.n)
+        totals, counts = B.sum_weighted(lval, we), B.nonzero_count(we, lval)
+        self._pending.append((labs, totals, counts, elements))
+
     def _finish(self, labels: list[MPSCNNLossLabels]) -> None:
         """Write the reduced losses of the batch just encoded (spec §9)."""
         red, kind = int(self._reduction_type), int(self._loss_type)
         if not self._pending:
+            return
+        if isinstance(self._pending[0][0], list):       # one pass over the batch: [N] sums
+            labs, totals, counts, elements = self._pending[0]
+            if self._reduce_across_batch and self._reduction_type != _R.none:
+                self._write_batch_total(labels, B.finish_reduction(red, kind, totals.sum(), counts.sum(), elements * len(labs),
+                                                                   self._weight, len(labs)))
+                return
+            values = B.finish_reduction(red, kind, totals, counts, elements, self._weight).to(torch.float32)
+            torch._foreach_copy_([lab.loss_image().tensor.view(1) for lab in labs], list(values.split(1)))
             return
         if self._reduce_across_batch and self._reduction_type != _R.none:
             total = torch.stack([p[1] for p in self._pending]).sum()

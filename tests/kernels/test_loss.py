@@ -478,3 +478,68 @@ def test_kernel_gradient_matches_autograd(device, loss_type: T) -> None:
     yt = torch.from_numpy(yr[0]).requires_grad_(True)
     (torch_loss(loss_type, yt, torch.from_numpy(f32(t)[None]), 1e-7, 0.7) * 0.5 * torch.from_numpy(f32(w)[None])).sum().backward()
     assert_close(grads[0], yt.grad, "float32", GRAD_TOL)
+
+
+# -- a batch of views of one image: one pass over the whole batch ---------------------------------------------------
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("loss_type, reduction", COMBOS)
+def test_batch_of_views_in_one_pass_matches_entry_by_entry(device, loss_type: T, reduction: R, weighted: bool) -> None:
+    """A batch of one-image views of one image (what a graph hands its loss node) is encoded
+    in one pass; the per-entry encode of the same batch as separate images is the oracle
+    (itself checked against the float64 references above). Both loss-image forms, and
+    reduceAcrossBatch."""
+    rng = np.random.default_rng(int(loss_type) * 10 + int(reduction))
+    n, (h, w, c) = 4, HWC
+    y = rng.standard_normal((n, h, w, c))
+    t = rng.random((n, h, w, c))
+    wt = rng.random((n, h, w, c)) if weighted else None
+    per_element = reduction == R.none
+    size = MTLSize(w, h, c) if per_element else MTLSize(1, 1, 1)
+    for across in ([False] if per_element or loss_type == T.cosineDistance else [False, True]):
+        got = {}
+        for mode in ("views", "separate"):
+            k = kernel(device, loss_type, reduction, weight=0.7, reduce_across_batch=across)
+            labs = [labels_for(device, t[i], None if wt is None else wt[i], size) for i in range(n)]
+            cb = device.make_command_queue().make_command_buffer()
+            if mode == "views":
+                src, _ = image(y, device)
+                dest, _ = poisoned((n, h, w, c), device)
+                k.encode_batch(cb, src.batch_representation(), labs, dest.batch_representation())
+                grad = values(dest)
+            else:
+                srcs = [image(y[i:i + 1], device)[0] for i in range(n)]
+                dests = [poisoned((1, h, w, c), device)[0] for _ in range(n)]
+                k.encode_batch(cb, srcs, labs, dests)
+                grad = np.concatenate([values(d) for d in dests])
+            finish(cb)
+            got[mode] = (grad, np.stack([values(lab.loss_image()) for lab in labs]))
+        np.testing.assert_allclose(got["views"][0], got["separate"][0], rtol=1e-6, atol=1e-7, err_msg="gradient")
+        np.testing.assert_allclose(got["views"][1], got["separate"][1], rtol=1e-5, atol=1e-7, err_msg=f"losses, across={across}")
+        assert np.isfinite(got["views"][0]).all(), "every gradient element written"
+
+
+def test_batch_of_views_is_one_pass(device) -> None:
+    """The batched path runs: each labels object's loss comes from one pass (checked by the
+    pass's entry count, not by timing)."""
+    k = kernel(device, T.softMaxCrossEntropy, R.sum)
+    n, (h, w, c) = 3, HWC
+    rng = np.random.default_rng(5)
+    src, _ = image(rng.standard_normal((n, h, w, c)), device)
+    labs = [labels_for(device, rng.random((h, w, c))) for _ in range(n)]
+    calls = []
+    orig = type(k)._encode_batch_region
+
+    def spy(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(self._stack[2]))
+        return orig(self, *a, **kw)
+    type(k)._encode_batch_region = spy  # type: ignore[method-assign]
+    try:
+        cb = device.make_command_queue().make_command_buffer()
+        dest, _ = poisoned((n, h, w, c), device)
+        k.encode_batch(cb, src.batch_representation(), labs, dest.batch_representation())
+        finish(cb)
+    finally:
+        type(k)._encode_batch_region = orig  # type: ignore[method-assign]
+    assert calls == [n]
