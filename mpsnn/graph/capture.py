@@ -19,9 +19,12 @@ How an encode runs when ``use_cuda_graph`` is on (spec is silent; mpsnn's decisi
   deferred multi-tensor launches are flushed inside the capture) on a side stream, then
   replays it. Capturing synchronises the host with the device once (``torch.cuda.graph``).
 * **Later encodes of a key: replayed.** The caller's source tensors and labels are copied
-  into the static ones (one launch each, skipped where the caller passes the static
-  storage), the CUDA graph is replayed on the command buffer's stream, and the loss images
-  are copied back into the caller's labels (one launch). No host synchronisation.
+  into the static ones (one multi-tensor launch, plus a concatenation for a batch of separate
+  images), the CUDA graph is replayed on the command buffer's stream, and the loss images are
+  copied back into the caller's labels (one launch). No host synchronisation. The caller's
+  objects are validated and bound to the capture once; while the same objects come again
+  (refilled in place, the usual training loop), the binding is reused and a replay costs
+  little Python.
 * **Results are the capture's images.** Every replay of a key returns the same result,
   intermediate and state objects, overwritten by the next replay: copy what must outlive
   the next encode (as with any CUDA-graph runner).
@@ -112,10 +115,67 @@ def check_capturable(graph: "MPSNNGraph") -> None:
                                 f"use_cuda_graph False")
 
 
-def _copy_in(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    pairs = [(d, s) for d, s in zip(dst, src) if d.data_ptr() != s.data_ptr()]
-    if pairs:
-        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+class _Binding:
+    """The copies that bind one caller's objects to a capture's static inputs, worked out once
+    and reused while the caller passes the same objects (the Python cost of a replay is then a
+    tuple of ids and three launches)."""
+
+    __slots__ = ("ids", "objects", "key", "cap", "generation", "format", "cats", "dst", "src", "loss_dst", "loss_src", "reads")
+
+    def __init__(self, graph: "MPSNNGraph", ids: tuple[Any, ...], key: Hashable, cap: _Captured, batches: list[list[MPSImage]],
+                 states: list[list[Any]] | None) -> None:
+        self.ids, self.key, self.cap = ids, key, cap
+        self.objects = (batches, states)              # keeps the objects behind ``ids`` alive
+        self.generation, self.format = graph._generation, graph.format
+        self.cats: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self.dst: list[torch.Tensor] = []
+        self.src: list[torch.Tensor] = []
+        for static, b in zip(cap.sources, batches):
+            got = _source_tensors(b)
+            if isinstance(got, list):
+                self.cats.append((got, static.tensor))
+            elif got.data_ptr() != static.tensor.data_ptr():
+                self.dst.append(static.tensor)
+                self.src.append(got)
+        self.loss_dst: list[torch.Tensor] = []
+        self.loss_src: list[torch.Tensor] = []
+        for statics, row in zip(cap.labels, states or []):
+            for s_static, s in zip(statics, row):
+                if isinstance(s, MPSCNNLossLabels) and s is not s_static:
+                    self.dst += _labels_tensors(s_static)
+                    self.src += _labels_tensors(s)
+                    self.loss_dst.append(s.loss_image().tensor)
+                    self.loss_src.append(s_static.loss_image().tensor)
+        # what an eager encode does to the caller's temporary sources: their read counts drop
+        plan = graph.plan
+        self.reads: list[tuple[Any, int]] = [(img, plan.source_image_reads[i]) for i, b in enumerate(batches) for img in b
+                                             if isinstance(img, MPSTemporaryImage)]
+        self.reads += [(s, plan.source_state_reads[j]) for j, row in enumerate(states or []) for s in row
+                       if isinstance(s, MPSCNNLossLabels) and s.is_temporary]
+
+    def valid(self, graph: "MPSNNGraph", ids: tuple[Any, ...]) -> bool:
+        return self.ids == ids and self.generation == graph._generation and self.format == graph.format
+
+    def load(self) -> None:
+        """Copy the caller's sources and labels into the static ones (current stream)."""
+        for parts, static in self.cats:
+            torch.cat(parts, out=static)
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src)
+
+    def store(self) -> None:
+        """Copy the losses of the replay into the caller's labels."""
+        if self.loss_dst:
+            torch._foreach_copy_(self.loss_dst, self.loss_src)
+
+    def consume(self) -> None:
+        for obj, n in self.reads:
+            for _ in range(n):
+                obj.consume_read()
+
+
+def _ids(batches: list[list[MPSImage]], states: list[list[Any]] | None, want_intermediate: bool, want_states: bool) -> tuple[Any, ...]:
+    return (tuple(tuple(map(id, b)) for b in batches), tuple(tuple(map(id, b)) for b in states or []), want_intermediate, want_states)
 
 
 def _source_tensors(batch: list[MPSImage]) -> torch.Tensor | list[torch.Tensor]:
@@ -124,35 +184,6 @@ def _source_tensors(batch: list[MPSImage]) -> torch.Tensor | list[torch.Tensor]:
         return batch[0].tensor
     whole = _whole_parent(batch)
     return whole.tensor if whole is not None else [img.tensor for img in batch]
-
-
-def _load_inputs(cap: _Captured, batches: list[list[MPSImage]], states: list[list[Any]] | None) -> None:
-    """Copy the caller's sources and labels into the static ones (on the current stream)."""
-    for static, b in zip(cap.sources, batches):
-        src = _source_tensors(b)
-        if isinstance(src, list):
-            torch.cat(src, out=static.tensor)
-        elif src.data_ptr() != static.tensor.data_ptr():
-            static.tensor.copy_(src)
-    dst: list[torch.Tensor] = []
-    got: list[torch.Tensor] = []
-    for statics, b in zip(cap.labels, states or []):
-        for s_static, s in zip(statics, b):
-            if isinstance(s, MPSCNNLossLabels):
-                dst += _labels_tensors(s_static)
-                got += _labels_tensors(s)
-    _copy_in(dst, got)
-
-
-def _store_losses(cap: _Captured, states: list[list[Any]] | None) -> None:
-    dst: list[torch.Tensor] = []
-    got: list[torch.Tensor] = []
-    for statics, b in zip(cap.labels, states or []):
-        for s_static, s in zip(statics, b):
-            if isinstance(s, MPSCNNLossLabels) and s is not s_static:
-                dst.append(s.loss_image().tensor)
-                got.append(s_static.loss_image().tensor)
-    _copy_in(dst, got)
 
 
 def _static_labels(graph: "MPSNNGraph", s: Any) -> Any:
@@ -164,21 +195,6 @@ def _static_labels(graph: "MPSNNGraph", s: Any) -> Any:
     w = s.weights_image()
     return MPSCNNLossLabels(graph.device, loss_image_size=s.loss_image_size, labels_image=image(s.labels_image().tensor),
                             weights_image=None if w is None else image(w.tensor))
-
-
-def _consume_caller_reads(graph: "MPSNNGraph", batches: list[list[MPSImage]], states: list[list[Any]] | None) -> None:
-    """What the eager encode does to the caller's temporary sources: their read counts drop."""
-    plan = graph.plan
-    for i, b in enumerate(batches):
-        for img in b:
-            if isinstance(img, MPSTemporaryImage):
-                for _ in range(plan.source_image_reads[i]):
-                    img.consume_read()
-    for j, b in enumerate(states or []):
-        for s in b:
-            if isinstance(s, MPSCNNLossLabels) and s.is_temporary:
-                for _ in range(plan.source_state_reads[j]):
-                    s.consume_read()
 
 
 def _capture(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[list[MPSImage]], states: list[list[Any]] | None,
@@ -225,8 +241,17 @@ def _capture(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[list[MPSIm
 def captured_encode(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[list[MPSImage]], states: list[list[Any]] | None,
                     intermediate_images: list[Any] | None, destination_states: list[Any] | None) -> tuple[bool, list[MPSImage] | None]:
     """Run ``graph``'s encode through its captures: ``(False, None)`` when this encode must
-    run eagerly (the first of its key), else ``(True, result)``."""
-    key = signature(graph, batches, states, intermediate_images is not None, destination_states is not None)
+    run eagerly (the first of its key), else ``(True, result)``. The caller's objects are
+    validated and keyed once; while the same objects come again, their binding is reused."""
+    want_i, want_s = intermediate_images is not None, destination_states is not None
+    ids = _ids(batches, states, want_i, want_s)
+    bound: _Binding | None = graph._binding
+    if bound is not None and bound.valid(graph, ids):
+        key = bound.key
+    else:
+        bound = None
+        graph._stack_sources(cb, batches, check_only=True)
+        key = signature(graph, batches, states, want_i, want_s)
     table: OrderedDict[Hashable, _Captured | None] = graph._captures
     if key not in table:
         table[key] = None
@@ -236,12 +261,14 @@ def captured_encode(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[lis
     table.move_to_end(key)
     cap = table[key]
     if cap is None:
-        cap = table[key] = _capture(graph, cb, batches, states, intermediate_images is not None, destination_states is not None)
+        cap = table[key] = _capture(graph, cb, batches, states, want_i, want_s)
+    if bound is None or bound.cap is not cap:
+        bound = graph._binding = _Binding(graph, ids, key, cap, batches, states)
     with cb.encoding("MPSNNGraph"):
-        _load_inputs(cap, batches, states)
+        bound.load()
         cap.cuda_graph.replay()
-        _store_losses(cap, states)
-    _consume_caller_reads(graph, batches, states)
+        bound.store()
+    bound.consume()
     graph._encode_count += 1
     if intermediate_images is not None:
         intermediate_images.extend(cap.intermediate or [])

@@ -172,6 +172,7 @@ class MPSNNGraph:
         self._use_cuda_graph = False
         self._generation = 0                          # bumped when weights are reloaded (captures drop)
         self._captures: OrderedDict[Any, Any] = OrderedDict()
+        self._binding: Any = None                    # the last caller objects bound to a capture
         for st in self._plan.steps:
             try:
                 self._kernels[id(st.node)] = st.node._build_kernel(self._device)
@@ -201,6 +202,7 @@ class MPSNNGraph:
             raise value_error("MPSNNGraph", "format", fmt.name, "be float16, float32 or bfloat16 (the storage formats kernels write)")
         self._format = fmt
         self._captures.clear()
+        self._binding = None
 
     @property
     def use_cuda_graph(self) -> bool:
@@ -217,6 +219,7 @@ class MPSNNGraph:
         self._use_cuda_graph = value
         if not value:
             self._captures.clear()
+        self._binding = None
 
     @property
     def destination_image_allocator(self) -> MPSImageAllocator:
@@ -276,6 +279,7 @@ class MPSNNGraph:
         of this graph may be in flight. Drops the graph's CUDA-graph captures."""
         self._generation += 1
         self._captures.clear()
+        self._binding = None
         for st in self._plan.steps:
             try:
                 st.node._reload(self._kernels[id(st.node)])
@@ -430,7 +434,6 @@ class MPSNNGraph:
             if len(b) != entries:
                 raise value_error("MPSNNGraph", f"source_states[{j}]", f"a batch of {len(b)}", f"have the batch length of the source images ({entries})")
         if self._use_cuda_graph and cb.stream is not None:
-            self._stack_sources(cb, batches, check_only=True)
             done, result = captured_encode(self, cb, batches, source_states, intermediate_images, destination_states)
             if done:
                 return result

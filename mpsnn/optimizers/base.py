@@ -217,10 +217,11 @@ class MPSNNOptimizer(MPSKernel):
         otherwise ``fallback`` (the torch path) runs now. ``states``: the per-parameter lists of
         the optimizer-state operands the ``kind`` uses, in the engine's order."""
         tri = self._engine(update, states)
-        if tri is not None and not all(tri.usable(g) for g in update.gradients):
-            # gradients are only read: a contiguous copy (one pass) keeps the one-launch update
-            # where the torch path would take a dozen passes
+        if tri is not None and not all(tri.usable(t) for t in (*update.values, *update.gradients)):
+            # values and gradients are only read: a contiguous copy (one pass) keeps the
+            # one-launch update where the torch path would take a dozen passes
             with cb.encoding(self._name()):
+                update.values = [v if tri.usable(v) else v.contiguous() for v in update.values]
                 update.gradients = [g if tri.usable(g) else g.contiguous() for g in update.gradients]
         if tri is None:
             with cb.encoding(self._name()):
@@ -242,12 +243,14 @@ class MPSNNOptimizer(MPSKernel):
     def _engine(self, update: Update, states: Sequence[list[torch.Tensor] | None]) -> Any:
         if not update.values:
             return None
-        written = [*update.values, *update.results, *(t for st in states if st is not None for t in st)]
+        written = [*update.results, *(t for st in states if st is not None for t in st)]
         tri = dispatch.triton_engine("optimizers", *written)
         if tri is None or not all(tri.usable(t) for t in written):
             return None
-        # a gradient the engine cannot address is copied (see `_run`): any float32 layout will do
-        return tri if all(g.dtype == torch.float32 and g.device == written[0].device for g in update.gradients) else None
+        # a value or gradient the engine cannot address is copied (see `_run`): any float32
+        # layout will do
+        read = (*update.values, *update.gradients)
+        return tri if all(t.dtype == torch.float32 and t.device == written[0].device for t in read) else None
 
     # -- operand resolution -----------------------------------------------------------------------
     def _tensor(self, name: str, obj: Any, kind: str) -> torch.Tensor:

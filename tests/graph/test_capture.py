@@ -156,3 +156,41 @@ def test_the_cpu_ignores_the_switch() -> None:
     assert not cap.training._captures
     for (la, wa), (lb, wb) in zip(a, b):
         assert la == lb and all(torch.equal(x, y) for x, y in zip(wa, wb))
+
+
+@pytest.mark.cuda
+@cuda
+def test_the_same_objects_refilled_in_place_replay_without_rebinding() -> None:
+    """The pattern of a training loop over device data: one batch image and one labels object
+    per entry (views of one labels image), refilled in place every step. The binding of those
+    objects to the capture is made once and reused; the steps match eager encodes."""
+    batch = 6
+    runs = {}
+    for captured in (False, True):
+        dev, g = digits("cuda", batch)
+        g.training.use_cuda_graph = captured
+        fmt = m.MPSImageFeatureChannelFormat
+        img = m.MPSImage(dev, m.MPSImageDescriptor(channel_format=fmt.unorm8, width=28, height=28, feature_channels=1,
+                                                    number_of_images=batch))
+        onehot = m.MPSImage(dev, m.MPSImageDescriptor(channel_format=fmt.float32, width=1, height=1, feature_channels=12,
+                                                       number_of_images=batch))
+        labels = [m.MPSCNNLossLabels(dev, labels_image=v) for v in onehot.batch_representation()]
+        images = img.batch_representation()
+        losses, bindings = [], []
+        for k in range(5):
+            x, y = data(k, batch)
+            img.tensor.copy_(torch.from_numpy(x).view(batch, 28, 28, 1).float().div(255))
+            onehot.tensor.zero_()
+            onehot.tensor.view(batch, 12)[torch.arange(batch), torch.from_numpy(y)] = 1.0
+            cb = dev.make_command_queue().make_command_buffer()
+            g.training.encode_batch(cb, [images], [labels])
+            cb.commit()
+            cb.wait_until_completed()
+            losses.append(sum(float(lab.loss_image().tensor) for lab in labels))
+            bindings.append(g.training._binding)
+        runs[captured] = (losses, [d.weights_tensor.clone() for d in g.data_sources])
+        if captured:
+            assert bindings[1] is not None and bindings[2] is bindings[1] and bindings[4] is bindings[1], "bound once, reused"
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

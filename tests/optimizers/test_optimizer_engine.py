@@ -215,26 +215,29 @@ def test_adam_step_replays_from_a_cuda_graph() -> None:
         assert float(opt.time_step_tensor()) == 4.0     # the device count; the host counted 2 encodes
 
 
-def test_a_strided_gradient_is_copied_and_keeps_the_one_launch_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gradient the engine cannot address (a strided view, as a fully connected layer's
-    weight gradient in the data source's layout is) is copied once: the update still runs in
-    the fused engine, with the same bits as for the contiguous gradient."""
+@pytest.mark.parametrize("operand", ["gradient", "values"])
+def test_a_strided_read_operand_is_copied_and_keeps_the_one_launch_update(operand: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only operand the engine cannot address (a strided view, as a fully connected
+    layer's weights and weight gradient in the data source's layout are) is copied once: the
+    update still runs in the fused engine, with the same bits as for a contiguous operand."""
     assert DEV is not None
     calls = _count_launches(monkeypatch)
     r = np.random.default_rng(11)
-    v0 = r.standard_normal(4097).astype(np.float32)
-    wide = _t(r.standard_normal((4097, 2)).astype(np.float32))
+    n = 4097
+    wide_v = _t(r.standard_normal((n, 2)).astype(np.float32))
+    wide_g = _t(r.standard_normal((n, 2)).astype(np.float32))
     results = []
-    for g in (wide[:, 0], wide[:, 0].contiguous()):
-        assert g.is_contiguous() == (len(results) == 1)
+    for strided in (True, False):
+        g = wide_g[:, 0] if strided and operand == "gradient" else wide_g[:, 0].contiguous()
+        v = wide_v[:, 0] if strided and operand == "values" else wide_v[:, 0].contiguous()
         opt = _make("adam")
-        v, m, vel = _t(v0), _t(np.zeros(4097, np.float32)), _t(np.zeros(4097, np.float32))
+        out, m, vel = _t(np.zeros(n, np.float32)), _t(np.zeros(n, np.float32)), _t(np.zeros(n, np.float32))
         cb = DEV.make_command_queue().make_command_buffer()
-        opt.encode(cb, input_gradient_vector=g, input_values_vector=v, result_values_vector=v,
+        opt.encode(cb, input_gradient_vector=g, input_values_vector=v, result_values_vector=out,
                    input_momentum_vector=m, input_velocity_vector=vel)
         cb.commit()
         cb.wait_until_completed()
-        results.append(v.cpu())
+        results.append(out.cpu())
     assert calls == [1, 1], "both updates ran in the fused engine"
     assert torch.equal(results[0], results[1])
-    assert not torch.equal(results[0], torch.from_numpy(v0))
+    assert not torch.equal(results[0], wide_v[:, 0].cpu()) and results[0].abs().sum() > 0
