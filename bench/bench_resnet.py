@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,9 @@ from torch import nn
 
 import mpsnn as m
 from mpsnn.models.resnet import BLOCKS, WIDTHS, build_resnet50, random_resnet50_state
+
+sys.path.insert(0, "bench")
+from bench_digits import timed  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -60,17 +62,6 @@ class ResNet50(nn.Module):
         for s in range(1, 5):
             y = getattr(self, f"layer{s}")(y)
         return self.fc(y.mean((2, 3)))
-
-
-def timed(fn: Callable[[], Any], iters: int, warm: int = 3) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.synchronize()
     err = float((got - ref).abs().max() / ref.abs().max())
     out(f"logits: max |mpsnn - torch| / max |torch| = {err:.2e} (top-1 agreement {float((got.argmax(1) == ref.argmax(1)).float().mean()):.3f})")
-    rows = [("mpsnn eager encodes", timed(mine, a.iters))]
+    rows = [("mpsnn eager encodes", timed(lambda _k: mine(), a.iters, warm=3))]
     graph.use_cuda_graph = True
-    rows.append(("mpsnn use_cuda_graph", timed(mine, a.iters)))
+    rows.append(("mpsnn use_cuda_graph", timed(lambda _k: mine(), a.iters, warm=3)))
     with torch.no_grad():
-        rows.append(("torch eager (channels-last)", timed(lambda: model(xt), a.iters)))
+        rows.append(("torch eager (channels-last)", timed(lambda _k: model(xt), a.iters, warm=3)))
         if not a.no_compile:
             cm = torch.compile(model)
-            rows.append(("torch.compile default", timed(lambda: cm(xt), a.iters, warm=5)))
+            rows.append(("torch.compile default", timed(lambda _k: cm(xt), a.iters, warm=5)))
     mine_t = dict(rows)["mpsnn use_cuda_graph"]
     out(f"{'':<32}{'ms/batch':>10}{'img/s':>10}{'vs mpsnn captured':>20}")
     for name, t in rows:

@@ -367,34 +367,32 @@ class MPSCNNLoss(_LossParameters, _LabelledLossKernel):
             self._encode_batch_region(inp, region, state)
             return
         r = self._read_labelled(src, inp, region, state)
-        if self._loss_type == _T.cosineDistance and not r.scalar:
-            size = r.labels.loss_image_size
-            raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}", "be 1x1x1 for cosineDistance (one value per image)")
-        kind = int(self._loss_type)
-        ts = _smoothed(self, r.t, self._label_smoothing)
-        we = B.effective_weights(self._weight, r.wt)
-        write_result(dest, region, B.loss_gradient(kind, r.y, ts, self._epsilon, self._delta) * we)
-        lval = B.loss_elementwise(kind, r.y, ts, self._epsilon, self._delta)
+        grad, lval, we = self._terms(r)
+        write_result(dest, region, grad)
         if r.loss_view is not None:
             r.loss_view.copy_(lval * we)
         else:
             elements = r.w * r.h * (1 if self._loss_type == _T.softMaxCrossEntropy else r.n)
             self._pending.append((r.labels, B.sum_weighted(lval, we), B.nonzero_count(we, lval), elements))
 
-    def _encode_batch_region(self, inp: InputGeometry, region: Region, state: MPSState | None) -> None:
-        """The region of every entry of ``self._stack`` in one pass (the per-entry math on
-        ``[N, h, w, n]`` tensors; per-entry sums are reductions over the last three axes)."""
-        _, dest, _ = self._stack  # type: ignore[misc]
-        r, labs = self._read_labelled_batch(self._stack[0], inp, region, state)  # type: ignore[index]
+    def _terms(self, r: _Labelled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """(weighted gradient, element losses, effective weights) of what ``r`` read."""
         if self._loss_type == _T.cosineDistance and not r.scalar:
             size = r.labels.loss_image_size
             raise value_error(self._name(), "labels.loss_image_size", f"{size.width}x{size.height}x{size.depth}", "be 1x1x1 for cosineDistance (one value per image)")
         kind = int(self._loss_type)
         ts = _smoothed(self, r.t, self._label_smoothing)
         we = B.effective_weights(self._weight, r.wt)
-        whole = Region(0, len(labs), region.x0, region.y0, region.width, region.height, region.c0, region.channels)
-        write_result(dest, whole, B.loss_gradient(kind, r.y, ts, self._epsilon, self._delta) * we)
-        lval = B.loss_elementwise(kind, r.y, ts, self._epsilon, self._delta)
+        return (B.loss_gradient(kind, r.y, ts, self._epsilon, self._delta) * we, B.loss_elementwise(kind, r.y, ts, self._epsilon, self._delta),
+                we)
+
+    def _encode_batch_region(self, inp: InputGeometry, region: Region, state: MPSState | None) -> None:
+        """The region of every entry of ``self._stack`` in one pass (the per-entry math on
+        ``[N, h, w, n]`` tensors; per-entry sums are reductions over the last three axes)."""
+        _, dest, _ = self._stack  # type: ignore[misc]
+        r, labs = self._read_labelled_batch(self._stack[0], inp, region, state)  # type: ignore[index]
+        grad, lval, we = self._terms(r)
+        write_result(dest, Region(0, len(labs), region.x0, region.y0, region.width, region.height, region.c0, region.channels), grad)
         if not r.scalar:
             sx, sy = inp.window_left, inp.window_top
             views = [lab.loss_image().tensor[:, sy:sy + r.h, sx:sx + r.w, :r.n] for lab in labs]
