@@ -35,12 +35,15 @@ def _fast_ok(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda and t.is_contiguous() and t.shape == t0.shape and t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in tensors)
 
 
-def neuron_forward(x: torch.Tensor, out: torch.Tensor, p: NeuronParams, quantize=None) -> None:
-    """``out[...] = f(x)``. ``quantize`` (a callable) post-processes values for unorm storage."""
+def neuron_forward(x: torch.Tensor, out: torch.Tensor, p: NeuronParams, quantize=None, bias: torch.Tensor | None = None) -> None:
+    """``out[...] = f(x + bias)`` (``bias``: one value per channel, the last axis, or None),
+    computed in float32. ``quantize`` (a callable) post-processes values for unorm storage."""
     tri = _triton() if quantize is None and x.numel() else None
-    if tri is not None and _fast_ok(x, out):
-        tri.neuron_forward(x, out, p)
+    if tri is not None and _fast_ok(x, out) and (bias is None or (bias.is_contiguous() and bias.device == x.device)):
+        tri.neuron_forward(x, out, p, bias=bias)
         return
+    if bias is not None:
+        x = _as_compute(x) + bias.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     y = torch_eager.neuron_forward(x, p)
     out.copy_(quantize(y) if quantize is not None else y)
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,10 @@ from ..core.regions import read_window
 from ..core.structs import MPSOffset
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSNNBinaryGradientState, MPSState
-from .results import write_result
+from .results import direct_out, result_dtype, write_result
+
+#: the operations a 16-bit encode may run as one torch op (see MPSCNNArithmetic._one_pass)
+_ONE_PASS: dict[str, Callable[..., torch.Tensor]] = {"add": torch.add, "subtract": torch.sub, "multiply": torch.mul, "divide": torch.div}
 
 __all__: list[str] = [
     "MPSCNNAdd",
@@ -344,11 +347,30 @@ class MPSCNNArithmetic(MPSCNNBinaryKernel):
         x = _read_operand(prim, pg, region, self._p_c_stride)
         y = _read_operand(sec, sg, region, self._s_c_stride)
         training = isinstance(state, MPSCNNArithmeticGradientState)
-        out, mask = backend.arithmetic_forward(x, y, self._params(), with_mask=training)
+        p = self._params()
+        shape = (region.count, region.height, region.width, region.channels)
+        if not training and self._one_pass(p, x, y, dest):
+            out = direct_out(dest, region, shape)
+            if out is None:
+                out = torch.empty(shape, dtype=x.dtype, device=x.device)
+            _ONE_PASS[p.operation](x, y, out=out)
+            write_result(dest, region, out)
+            return
+        out, mask = backend.arithmetic_forward(x, y, p, with_mask=training)
         if training:
             state._region, state._mask = region, mask  # type: ignore[union-attr]
-        shape = (region.count, region.height, region.width, region.channels)
         write_result(dest, region, out if tuple(out.shape) == shape else out.expand(shape))
+
+    @staticmethod
+    def _one_pass(p: ArithmeticParams, x: torch.Tensor, y: torch.Tensor, dest: MPSImage) -> bool:
+        """Whether the result can be computed in one pass in the 16-bit storage type: no
+        scales, bias or clamp bounds of its own, both operands and the destination of the same
+        float16/bfloat16 type. torch computes each element in float32 and rounds once, as the
+        float32 path does; the default clamp to ``±FLT_MAX`` then changes nothing, since
+        ``FLT_MAX`` rounds to infinity in both 16-bit types (the same bits)."""
+        return (p.operation in _ONE_PASS and p.primary_scale == 1.0 and p.secondary_scale == 1.0 and p.bias == 0.0
+                and p.minimum_value == -FLT_MAX and p.maximum_value == FLT_MAX
+                and x.dtype in (torch.float16, torch.bfloat16) and y.dtype == x.dtype and result_dtype(dest) == x.dtype)
 
 
 class MPSCNNAdd(MPSCNNArithmetic):

@@ -449,9 +449,13 @@ class _ForwardPlan:
         self.finish(xt if self.x_index is None else xt[self.x_index], yt if self.out_index is None else yt[self.out_index])
 
     def finish(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        self.conv.run(x, self.w, self.b, out)
-        if self.neuron is not None:
-            dispatch.neuron_forward(out, out, self.neuron)
+        if self.neuron is None:
+            self.conv.run(x, self.w, self.b, out)
+            return
+        # the bias goes into the neuron's pass (one pass over the result, not two, and one
+        # rounding of the biased value instead of two)
+        self.conv.run(x, self.w, None, out)
+        dispatch.neuron_forward(out, out, self.neuron, bias=self.b)
 
 
 class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):

@@ -361,3 +361,45 @@ def test_minimum_above_maximum_is_fine_for_compare() -> None:
     out = k.encode(cb, P, S)
     finish(cb)
     assert np.all(values(out) == 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("op", ["add", "subtract", "multiply", "divide"])
+def test_16_bit_one_pass_has_the_float32_paths_bits(device: mpsnn.Device, op: str, dtype: torch.dtype,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no scales, bias or bounds of its own, a 16-bit encode runs as one op in the storage
+    type (the float32 path is not called): the same bits as float32 arithmetic, the default
+    clamp to ±FLT_MAX and one rounding, and as the float32 path itself (taken when the lower
+    bound is -inf instead of the default), overflow, NaN and channel broadcasting included."""
+    from mpsnn.backends import arithmetic as backend
+    g = torch.Generator().manual_seed(7)
+    big = torch.finfo(dtype).max
+    x = (torch.randn(2, 5, 6, 8, generator=g) * 3).to(dtype)
+    y = (torch.randn(2, 5, 6, 8, generator=g) * 3).to(dtype)
+    x[0, 0, 0, :4] = torch.tensor([big, -big, float("nan"), float("inf")], dtype=dtype)
+    y[0, 0, 0, :4] = torch.tensor([big, -big, 1.0, float("-inf")], dtype=dtype)
+    cls = {"add": MPSCNNAdd, "subtract": MPSCNNSubtract, "multiply": MPSCNNMultiply, "divide": MPSCNNDivide}[op]
+    real = backend.arithmetic_forward
+
+    def encode(secondary: torch.Tensor, one_pass: bool) -> torch.Tensor:
+        k = cls(device)
+        if secondary.shape[-1] == 1:
+            k.secondary_stride_in_feature_channels = 0
+        if not one_pass:
+            k.minimum_value = -math.inf
+        calls: list[int] = []
+        monkeypatch.setattr(backend, "arithmetic_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        cb = device.make_command_queue().make_command_buffer()
+        got = k.encode(cb, mpsnn.MPSImage.from_torch(x.to(device.torch_device)), mpsnn.MPSImage.from_torch(secondary.to(device.torch_device)))
+        finish(cb)
+        assert calls == ([] if one_pass else [1])
+        assert got.tensor.dtype == dtype
+        return got.tensor.cpu()
+
+    for secondary in (y, y[:, :, :, :1].contiguous()):          # one channel: broadcast along the channels
+        fx, fy = x.float(), secondary.float()
+        want = {"add": fx + fy, "subtract": fx - fy, "multiply": fx * fy, "divide": fx / fy}[op].clamp(-R.FLT_MAX, R.FLT_MAX).to(dtype)
+        fast, slow = encode(secondary, True), encode(secondary, False)
+        torch.testing.assert_close(fast, want, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(fast).any() and (op == "divide" or torch.isinf(fast).any()), "the special values were exercised"

@@ -143,6 +143,23 @@ def test_prelu_channels(channels, dtype, shape):
     _run_both((T.pReLU, 0.0, 0.0, 0.0), (*shape, channels), dtype, dtype)
 
 
+# a convolution's bias in the neuron's pass: f(x + b[c]) for the channel c = i % C, small and
+# large C (the flat kernel gathers the bias per element), PReLU (slopes and bias together)
+@pytest.mark.parametrize("channels", [1, 5, 64, 168])
+@pytest.mark.parametrize("case", [(T.reLU, 0.0, 0.0, 0.0), (T.pReLU, 0.0, 0.0, 0.0), (T.sigmoid, 0.0, 0.0, 0.0)], ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_in_the_same_pass(case, dtype, channels):
+    shape = (2, 11, 13, channels)
+    p = _params(case, channels)
+    x = _inputs(shape, dtype, case[0], 3)
+    bias = torch.randn(channels, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+    out = torch.empty(shape, device="cuda", dtype=dtype)
+    tn.neuron_forward(x, out, p, bias=bias)
+    _check(out, te.neuron_forward(x.float() + bias, p), f"forward+bias {_case_id(case)} {dtype} C={channels}")
+    with pytest.raises(ValueError, match="bias"):
+        tn.neuron_forward(x, out, p, bias=bias[:-1] if channels > 1 else torch.zeros(2, device="cuda"))
+
+
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                                 (torch.float16, torch.float32), (torch.float32, torch.float16)], ids=str)
 @pytest.mark.parametrize("case", [(T.geLU, 0.0, 0.0, 0.0), (T.pReLU, 0.0, 0.0, 0.0), (T.tanH, 1.0, 1.0, 0.0)], ids=_case_id)

@@ -357,19 +357,23 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _neuron_forward_kernel(x_ptr, out_ptr, slopes_ptr, n, a, b, c, k,
-                               NTYPE: tl.constexpr, BASE_E: tl.constexpr, C: tl.constexpr,
+    def _neuron_forward_kernel(x_ptr, out_ptr, slopes_ptr, bias_ptr, n, a, b, c, k,
+                               NTYPE: tl.constexpr, BASE_E: tl.constexpr, C: tl.constexpr, BIAS: tl.constexpr,
                                BLOCK: tl.constexpr, INT64: tl.constexpr):
         start = _block_start(BLOCK, INT64)
         offs = start + tl.arange(0, BLOCK)
         s = _slope(slopes_ptr, start, NTYPE, C, BLOCK)
+        if BIAS:   # a per-channel bias added first (a convolution's epilogue), channel i % C
+            bias = tl.load(bias_ptr + ((start % C).to(tl.int32) + tl.arange(0, BLOCK)) % C).to(tl.float32)
+        else:
+            bias = 0.0
         if start + BLOCK <= n:  # full block: unmasked, vectorised
-            x = tl.load(x_ptr + offs).to(tl.float32)
+            x = tl.load(x_ptr + offs).to(tl.float32) + bias
             y = _forward_math(x, s, a, b, c, k, NTYPE, BASE_E)
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty))
         else:  # the tail block
             mask = offs < n
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias
             y = _forward_math(x, s, a, b, c, k, NTYPE, BASE_E)
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -483,7 +487,8 @@ def _prelu_rows_config(n: int, channels: int, tensors: tuple[torch.Tensor, ...])
     return cp, max(1, block // cp), num_warps
 
 
-def _launch(flat_kernel: Any, rows_kernel: Any, tensors: tuple[torch.Tensor, ...], x: torch.Tensor, p: NeuronParams, gradient: bool) -> None:
+def _launch(flat_kernel: Any, rows_kernel: Any, tensors: tuple[torch.Tensor, ...], x: torch.Tensor, p: NeuronParams, gradient: bool,
+            bias: torch.Tensor | None = None) -> None:
     n = x.numel()
     if n == 0:
         return
@@ -494,7 +499,7 @@ def _launch(flat_kernel: Any, rows_kernel: Any, tensors: tuple[torch.Tensor, ...
     if t == T.pReLU:
         slopes = _prelu_slopes(p, x)
         channels = int(x.shape[-1])
-        rows_cfg = _prelu_rows_config(n, channels, tensors)
+        rows_cfg = None if bias is not None else _prelu_rows_config(n, channels, tensors)
         if rows_cfg is not None:
             cp, rows_per_program, num_warps = rows_cfg
             rows = n // channels
@@ -503,22 +508,31 @@ def _launch(flat_kernel: Any, rows_kernel: Any, tensors: tuple[torch.Tensor, ...
             _run(rows_kernel, (triton.cdiv(rows, rows_per_program),), x, (*tensors, slopes, rows), meta)
             return
     else:
-        channels, slopes = 1, x  # C only matters for PReLU: one compiled kernel for every C
+        # C only matters for PReLU and a bias: one compiled kernel for every C otherwise
+        channels, slopes = (int(x.shape[-1]) if bias is not None else 1), x
     block, num_warps = _config(n, *tensors)
     a, b, c, k, base_e = _scalars(p, gradient)
     meta = {"NTYPE": int(t), "BASE_E": base_e, "C": channels, "BLOCK": block, "INT64": n + block >= INT64_THRESHOLD,
             "num_warps": num_warps, **common}
+    args: tuple[Any, ...] = (*tensors, slopes)
     if gradient:  # a 16-bit destination lets GeLU's derivative use a one-instruction exp (see _derivative_math)
         meta["FAST"] = tensors[-1].element_size() <= 2 and t == T.geLU
-    _run(flat_kernel, (triton.cdiv(n, block),), x, (*tensors, slopes, n, a, b, c, k), meta)
+    else:
+        meta["BIAS"] = bias is not None
+        args += (x if bias is None else bias,)
+    _run(flat_kernel, (triton.cdiv(n, block),), x, (*args, n, a, b, c, k), meta)
 
 
-def neuron_forward(x: torch.Tensor, out: torch.Tensor, p: NeuronParams) -> None:
-    """``out[...] = f(x)``; contiguous tensors of one shape ``[..., C]`` (float32/16, bfloat16).
+def neuron_forward(x: torch.Tensor, out: torch.Tensor, p: NeuronParams, bias: torch.Tensor | None = None) -> None:
+    """``out[...] = f(x + bias)``; contiguous tensors of one shape ``[..., C]`` (float32/16,
+    bfloat16); ``bias``: ``C`` values or None (added in float32 before the neuron: a
+    convolution's bias in the same pass as its fused neuron).
 
-    The channel of flat element ``i`` is ``i % C`` (PReLU). Enqueued on the current stream.
+    The channel of flat element ``i`` is ``i % C`` (PReLU, bias). Enqueued on the current stream.
     """
-    _launch(_neuron_forward_kernel, _prelu_rows_forward_kernel, (x, out), x, p, gradient=False)
+    if bias is not None and (bias.numel() != x.shape[-1] or not bias.is_contiguous() or bias.device != x.device):
+        raise ValueError("neuron engine: the bias must be a contiguous vector of the channel count on the tensor's device")
+    _launch(_neuron_forward_kernel, _prelu_rows_forward_kernel, (x, out), x, p, gradient=False, bias=bias)
 
 
 def neuron_gradient(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, p: NeuronParams) -> None:
