@@ -6,10 +6,11 @@ the host is slower than the device. A CUDA graph replays all of them from one ho
 
 How an encode runs when ``use_cuda_graph`` is on (spec is silent; mpsnn's decisions):
 
-* **Signature.** Every encode computes a key: the graph's format, its weights generation
-  (bumped by :meth:`~mpsnn.MPSNNGraph.reload_from_data_sources`), and per source the batch
-  length, per-entry image counts, sizes and formats; per source state the shapes of a
-  :class:`~mpsnn.MPSCNNLossLabels`' images, or the identity of any other state object.
+* **Signature.** Every encode computes a key: per source the batch length, per-entry image
+  counts, sizes and formats; per source state the shapes of a
+  :class:`~mpsnn.MPSCNNLossLabels`' images, or the identity of any other state object; which
+  outputs are asked for. Changing the graph's format or reloading its weights
+  (:meth:`~mpsnn.MPSNNGraph.reload_from_data_sources`) drops every capture instead.
 * **First encode of a key: eager**, exactly as without the switch. It also warms up
   everything a capture may not do (Triton compilation, cuBLAS/cuDNN handles, optimizer
   tables).
@@ -81,8 +82,7 @@ def _labels_tensors(lab: MPSCNNLossLabels) -> list[torch.Tensor]:
     return [lab.labels_image().tensor] + ([] if w is None else [w.tensor])
 
 
-def signature(graph: "MPSNNGraph", batches: list[list[MPSImage]], states: list[list[Any]] | None, want_intermediate: bool,
-              want_states: bool) -> Hashable:
+def signature(batches: list[list[MPSImage]], states: list[list[Any]] | None, want_intermediate: bool, want_states: bool) -> Hashable:
     src = tuple(tuple((img.number_of_images, img.height, img.width, img.feature_channels, int(img.feature_channel_format))
                       for img in b) for b in batches)
     sts: list[Any] = []
@@ -97,7 +97,7 @@ def signature(graph: "MPSNNGraph", batches: list[list[MPSImage]], states: list[l
             else:
                 row.append(("object", id(s)))
         sts.append(tuple(row))
-    return (int(graph.format), graph._generation, src, tuple(sts), want_intermediate, want_states)
+    return (src, tuple(sts), want_intermediate, want_states)
 
 
 def check_capturable(graph: "MPSNNGraph") -> None:
@@ -120,13 +120,12 @@ class _Binding:
     and reused while the caller passes the same objects (the Python cost of a replay is then a
     tuple of ids and three launches)."""
 
-    __slots__ = ("ids", "objects", "key", "cap", "generation", "format", "cats", "dst", "src", "loss_dst", "loss_src", "reads")
+    __slots__ = ("ids", "objects", "key", "cap", "cats", "dst", "src", "loss_dst", "loss_src", "reads")
 
     def __init__(self, graph: "MPSNNGraph", ids: tuple[Any, ...], key: Hashable, cap: _Captured, batches: list[list[MPSImage]],
                  states: list[list[Any]] | None) -> None:
         self.ids, self.key, self.cap = ids, key, cap
         self.objects = (batches, states)              # keeps the objects behind ``ids`` alive
-        self.generation, self.format = graph._generation, graph.format
         self.cats: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self.dst: list[torch.Tensor] = []
         self.src: list[torch.Tensor] = []
@@ -152,9 +151,6 @@ class _Binding:
                                              if isinstance(img, MPSTemporaryImage)]
         self.reads += [(s, plan.source_state_reads[j]) for j, row in enumerate(states or []) for s in row
                        if isinstance(s, MPSCNNLossLabels) and s.is_temporary]
-
-    def valid(self, graph: "MPSNNGraph", ids: tuple[Any, ...]) -> bool:
-        return self.ids == ids and self.generation == graph._generation and self.format == graph.format
 
     def load(self) -> None:
         """Copy the caller's sources and labels into the static ones (current stream)."""
@@ -246,12 +242,12 @@ def captured_encode(graph: "MPSNNGraph", cb: MTLCommandBuffer, batches: list[lis
     want_i, want_s = intermediate_images is not None, destination_states is not None
     ids = _ids(batches, states, want_i, want_s)
     bound: _Binding | None = graph._binding
-    if bound is not None and bound.valid(graph, ids):
+    if bound is not None and bound.ids == ids:       # the graph drops its binding with its captures
         key = bound.key
     else:
         bound = None
         graph._stack_sources(cb, batches, check_only=True)
-        key = signature(graph, batches, states, want_i, want_s)
+        key = signature(batches, states, want_i, want_s)
     table: OrderedDict[Hashable, _Captured | None] = graph._captures
     if key not in table:
         table[key] = None

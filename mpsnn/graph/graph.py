@@ -170,8 +170,7 @@ class MPSNNGraph:
         self._lock = threading.Lock()
         self._kernels: dict[int, Any] = {}
         self._use_cuda_graph = False
-        self._generation = 0                          # bumped when weights are reloaded (captures drop)
-        self._captures: OrderedDict[Any, Any] = OrderedDict()
+        self._captures: OrderedDict[Any, Any] = OrderedDict()   # signature -> capture (see graph/capture.py)
         self._binding: Any = None                    # the last caller objects bound to a capture
         for st in self._plan.steps:
             try:
@@ -201,8 +200,7 @@ class MPSNNGraph:
         if fmt not in (_F.float16, _F.float32, _F.bfloat16):
             raise value_error("MPSNNGraph", "format", fmt.name, "be float16, float32 or bfloat16 (the storage formats kernels write)")
         self._format = fmt
-        self._captures.clear()
-        self._binding = None
+        self._drop_captures()
 
     @property
     def use_cuda_graph(self) -> bool:
@@ -218,7 +216,12 @@ class MPSNNGraph:
             raise value_error("MPSNNGraph", "use_cuda_graph", value, "be a bool")
         self._use_cuda_graph = value
         if not value:
-            self._captures.clear()
+            self._drop_captures()
+
+    def _drop_captures(self) -> None:
+        """Forget every CUDA-graph capture and the binding to the last caller's objects (the
+        format or the weights they were recorded with changed, or capturing was switched off)."""
+        self._captures.clear()
         self._binding = None
 
     @property
@@ -277,9 +280,7 @@ class MPSNNGraph:
     def reload_from_data_sources(self) -> None:
         """Re-read the parameters of every node of this graph that has a data source. No work
         of this graph may be in flight. Drops the graph's CUDA-graph captures."""
-        self._generation += 1
-        self._captures.clear()
-        self._binding = None
+        self._drop_captures()
         for st in self._plan.steps:
             try:
                 st.node._reload(self._kernels[id(st.node)])

@@ -348,10 +348,14 @@ if triton is not None:
         return start
 
     @triton.jit
+    def _per_channel(ptr, start, C: tl.constexpr, BLOCK: tl.constexpr):
+        """The per-channel values (float32) of the block's elements: channel ``i % C``."""
+        return tl.load(ptr + ((start % C).to(tl.int32) + tl.arange(0, BLOCK)) % C).to(tl.float32)
+
+    @triton.jit
     def _slope(slopes_ptr, start, NTYPE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
         if NTYPE == 10:
-            ch = ((start % C).to(tl.int32) + tl.arange(0, BLOCK)) % C
-            s = tl.load(slopes_ptr + ch).to(tl.float32)
+            s = _per_channel(slopes_ptr, start, C, BLOCK)
         else:
             s = 0.0
         return s
@@ -364,7 +368,7 @@ if triton is not None:
         offs = start + tl.arange(0, BLOCK)
         s = _slope(slopes_ptr, start, NTYPE, C, BLOCK)
         if BIAS:   # a per-channel bias added first (a convolution's epilogue), channel i % C
-            bias = tl.load(bias_ptr + ((start % C).to(tl.int32) + tl.arange(0, BLOCK)) % C).to(tl.float32)
+            bias = _per_channel(bias_ptr, start, C, BLOCK)
         else:
             bias = 0.0
         if start + BLOCK <= n:  # full block: unmasked, vectorised
