@@ -4,6 +4,7 @@ process on one GPU: mpsnn (eager encodes, and ``use_cuda_graph`` replays), PyTor
 ``reduce-overhead``) and, when JAX and optax are installed, a ``jax.jit`` step with optax Adam.
 
     PYTHONPATH=. python3 bench/bench_digits.py [--batch 40 64] [--iters 200] [--no-compile]
+    PYTHONPATH=. python3 bench/bench_digits.py --device cpu --iters 20 [--rounds 5]
 
 The step: conv 5x5 1->32 + ReLU, max pool 2, conv 5x5 32->64 + ReLU, max pool 2, fully
 connected 3136->1024 + ReLU, fully connected 1024->10, softmax cross-entropy (sum x 1/N, the
@@ -11,6 +12,8 @@ sample's loss), Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8) on all weights and bia
 everywhere, TF32 off on every side. **No dropout** in any peer: mpsnn's dropout draws its mask
 from a host seed per encode, which a CUDA-graph replay cannot repeat correctly
 (:mod:`mpsnn.graph.capture` refuses it), so the graph is built with ``keep_probability=None``.
+No peer computes the gradient of the input digits: the mpsnn training graph is built with
+``input_gradient_needed=False`` (``result_image_is_needed`` NO), which prunes it.
 
 Every peer starts from the same weights; one step on the same batch is checked first (loss and
 updated weights against the eager torch step, relative error printed; Adam's first step moves
@@ -40,15 +43,17 @@ from mpsnn.models.digits import build_digits_graphs, make_data_sources
 CLASSES, LABEL_CHANNELS = 10, 12
 
 
-def timed(step: Callable[[int], Any], iters: int, warm: int = 5) -> float:
-    """Milliseconds per step over ``iters`` back-to-back steps (after ``warm`` steps)."""
+def timed(step: Callable[[int], Any], iters: int, warm: int = 5, sync: Callable[[], Any] | None = None) -> float:
+    """Milliseconds per step over ``iters`` back-to-back steps (after ``warm`` steps);
+    ``sync`` waits for the device (default: the current CUDA device)."""
+    sync = sync or torch.cuda.synchronize
     for k in range(warm):
         step(k)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for k in range(iters):
         step(k)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
@@ -98,7 +103,7 @@ class MpsnnDigits:
         self.dev = dev
         self.ds = make_data_sources(dev, init="he", seed=7)
         self.graphs = build_digits_graphs(dev, self.ds, batch, graph_format=m.MPSImageFeatureChannelFormat.float32,
-                                          keep_probability=None)
+                                          keep_probability=None, input_gradient_needed=False)
         self.graphs.training.use_cuda_graph = captured
         F_ = m.MPSImageFeatureChannelFormat
         self.image = m.MPSImage(dev, m.MPSImageDescriptor(channel_format=F_.unorm8, width=28, height=28, feature_channels=1,
@@ -225,6 +230,42 @@ def bench(batch: int, iters: int, compile_: bool, out: Callable[[str], None]) ->
     out(f"  fastest peer / mpsnn captured: {best / mine:.2f}x (target >= 1.2)")
 
 
+def bench_cpu(batch: int, iters: int, rounds: int, out: Callable[[str], None]) -> None:
+    """The CPU rows: mpsnn's eager encodes against torch eager (NCHW and channels-last), on
+    every core torch uses. The peers take turns for ``rounds`` rounds of ``iters`` steps each
+    (a shared machine's noise hits all of them alike); each row is its best round."""
+    dev = m.Device("cpu")
+    steps = 8
+    g = torch.Generator().manual_seed(batch)
+    xs = torch.randint(0, 256, (steps, batch, 28, 28, 1), dtype=torch.uint8, generator=g)
+    ys = torch.randint(0, CLASSES, (steps, batch), generator=g)
+    xn = xs.float() / 255
+    xf = xn.permute(0, 1, 4, 2, 3)
+    mine = MpsnnDigits(dev, batch, False)
+    model = TorchDigits(mine.ds)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    ref_loss = float(torch_step(model, opt)(xf[0].contiguous(), ys[0]))
+    mine.step(xn[0], ys[0])
+    errs = [rel(d.weights_tensor, w) for d, w in zip(mine.ds, torch_weights(model))]
+    out(f"batch {batch}: one step from the same weights: loss mpsnn {mine.loss():.6f} torch {ref_loss:.6f}; "
+        f"updated weights max rel err {max(errs):.1e}")
+    peers: list[tuple[str, Callable[[int], Any]]] = [("mpsnn eager encodes", lambda k: mine.step(xn[k % steps], ys[k % steps]))]
+    for name, fmt in (("torch eager (NCHW)", torch.contiguous_format), ("torch eager (channels-last)", torch.channels_last)):
+        model = TorchDigits(mine.ds)
+        st = torch_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        peers.append((name, lambda k, st=st, fmt=fmt: st(xf[k % steps].contiguous(memory_format=fmt), ys[k % steps])))
+    best = {name: float("inf") for name, _ in peers}
+    for _ in range(rounds):
+        for name, step in peers:
+            best[name] = min(best[name], timed(step, iters, warm=2, sync=lambda: None))
+    t_mine = best["mpsnn eager encodes"]
+    fastest = min(t for n, t in best.items() if not n.startswith("mpsnn"))
+    out(f"{'batch ' + str(batch) + ' (CPU, ' + str(torch.get_num_threads()) + ' threads)':<34}{'ms/step':>9}{'mpsnn speed-up':>17}")
+    for name, t in best.items():
+        out(f"  {name:<32}{t:>9.2f}{t / t_mine:>16.2f}x")
+    out(f"  fastest torch eager / mpsnn: {fastest / t_mine:.2f}x (target >= 1.0)")
+
+
 def jax_step_ms(ds: list[Any], xs: torch.Tensor, ys: torch.Tensor, iters: int) -> tuple[float, float]:
     """(ms per step, the first step's loss on batch 0 from ``ds``' weights)."""
     import jax
@@ -277,27 +318,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[40, 64])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: mpsnn against torch eager on the CPU (--iters steps per round, --rounds rounds)")
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_digits: needs a CUDA device", file=sys.stderr)
-        return 2
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     lines: list[str] = []
 
     def out(s: str) -> None:
         print(s, flush=True)
         lines.append(s)
 
+    if a.device == "cpu":
+        out(f"CPU ({os.cpu_count()} cores)  torch {torch.__version__}  float32, no dropout")
+        for b in a.batch:
+            bench_cpu(b, a.iters, a.rounds, out)
+        _save(lines, "bench_digits_cpu.txt")
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_digits: needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     out(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  float32, TF32 off, no dropout")
     for b in a.batch:
         bench(b, a.iters, not a.no_compile, out)
+    _save(lines, "bench_digits.txt")
+    return 0
+
+
+def _save(lines: list[str], name: str) -> None:
     dest = os.environ.get("OUT")
     if dest:
         os.makedirs(dest, exist_ok=True)
-        with open(os.path.join(dest, "bench_digits.txt"), "w") as f:
+        with open(os.path.join(dest, name), "w") as f:
             f.write("\n".join(lines) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

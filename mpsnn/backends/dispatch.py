@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..core.enums import MPSCNNNeuronType
 from . import torch_eager
 from .torch_eager import NeuronParams
 
@@ -42,6 +43,15 @@ def neuron_forward(x: torch.Tensor, out: torch.Tensor, p: NeuronParams, quantize
     if tri is not None and _fast_ok(x, out) and (bias is None or (bias.is_contiguous() and bias.device == x.device)):
         tri.neuron_forward(x, out, p, bias=bias)
         return
+    if quantize is None and p.neuron_type == MPSCNNNeuronType.reLU and x.dtype == out.dtype and x.dtype in _WIDE:
+        # ReLU in the storage's own (float32/64) arithmetic, straight into `out`: torch's
+        # leaky ReLU is `x > 0 ? x : a·x`, which equals `x >= 0 ? x : a·x` everywhere (at ±0
+        # both give x; -inf·0 is NaN in both)
+        if bias is not None:
+            torch.add(x, bias.to(x.dtype), out=out)
+            x = out
+        torch._C._nn.leaky_relu(x, p.a, out=out)
+        return
     if bias is not None:
         x = _as_compute(x) + bias.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     y = torch_eager.neuron_forward(x, p)
@@ -54,8 +64,18 @@ def neuron_gradient(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, p: Neu
     if tri is not None and _fast_ok(dy, x, out):
         tri.neuron_gradient(dy, x, out, p)
         return
+    if quantize is None and p.neuron_type == MPSCNNNeuronType.reLU and dy.dtype == x.dtype == out.dtype and x.dtype in _WIDE:
+        # dy·f'(x) with f' = (x >= 0 ? 1 : a), in two passes (an infinite dy times a zero
+        # slope stays NaN, as in the general form)
+        slope = x >= 0 if p.a == 0.0 else torch.where(x >= 0, x.new_ones(()), x.new_full((), p.a))
+        torch.mul(dy, slope, out=out)
+        return
     dx = _as_compute(dy) * torch_eager.neuron_derivative(x, p)
     out.copy_(quantize(dx) if quantize is not None else dx)
+
+
+#: dtypes the CPU ReLU fast paths compute in directly (16-bit storage goes through float32)
+_WIDE = (torch.float32, torch.float64)
 
 
 def _as_compute(t: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,8 @@ def adam_step(values: Tensors, gradients: Tensors, m: Tensors, v: Tensors, vmax:
     step_tensor.add_(1)
     if not values:
         return
+    if _fused_adam_cpu(values, gradients, m, v, vmax, results, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step_tensor=step_tensor, pre=pre):
+        return
     t = step_tensor.to(values[0].dtype)
     lr_t = torch.sqrt(1.0 - torch.pow(beta2, t)) / (1.0 - torch.pow(beta1, t)) * lr
     g = preprocess(values, gradients, pre)
@@ -135,3 +137,48 @@ def adam_step(values: Tensors, gradients: Tensors, m: Tensors, v: Tensors, vmax:
     upd = torch._foreach_div(mm, denom)
     torch._foreach_mul_(upd, lr_t)
     torch._foreach_sub_(r, upd)
+
+
+#: whether torch's fused CPU Adam kernel is usable in this build (None: not tried yet)
+_fused_cpu: bool | None = None
+
+
+def _fused_adam_cpu(values: Tensors, gradients: Tensors, m: Tensors, v: Tensors, vmax: Tensors | None, results: Tensors, *,
+                    lr: float, beta1: float, beta2: float, eps: float, step_tensor: torch.Tensor, pre: Preprocess) -> bool:
+    """The CPU form of :func:`adam_step` (after the step was advanced) as torch's fused CPU
+    Adam kernel: one pass per tensor instead of about ten. False (nothing done) off the CPU,
+    for mixed or 16-bit dtypes, for non-contiguous operands, when a bias correction is 0, or
+    when this torch has no such kernel.
+
+    torch's kernel computes ``value -= lr/c1 · m / (sqrt(v)/sqrt(c2) + eps')`` with
+    ``c_k = 1 - beta_k^t``; with ``eps' = eps/sqrt(c2)`` that is exactly §8's
+    ``value -= lr·sqrt(c2)/c1 · m / (sqrt(v) + eps)``. The step count is read on the host,
+    which costs nothing on the CPU."""
+    global _fused_cpu
+    if _fused_cpu is False or step_tensor.device.type != "cpu":
+        return False
+    dtype = values[0].dtype
+    ops = [*gradients, *m, *v, *(vmax or []), *results]           # the values are only copied (or read by L1/L2)
+    if (dtype not in (torch.float32, torch.float64) or any(t.device.type != "cpu" or t.dtype != dtype for t in [*values, *ops])
+            or not all(t.is_contiguous() for t in ops)):
+        return False
+    t = float(step_tensor)
+    c1, c2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    if not (c1 > 0.0 and c2 > 0.0):
+        return False
+    identity = not pre.clip and pre.rescale == 1.0 and pre.regularization == 0
+    g = list(gradients) if identity else preprocess(values, gradients, pre)
+    r = _start_results(values, results)
+    steps = [torch.full((), t, dtype=torch.float32)] * len(r)
+    try:
+        torch._fused_adam_(r, g, list(m), list(v), list(vmax or []), steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                           eps=eps / c2 ** 0.5, amsgrad=vmax is not None, maximize=False)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        if _fused_cpu is None:
+            # the kernel refuses before writing: the general path takes over (it copies the
+            # unchanged values into the results again)
+            _fused_cpu = False
+            return False
+        raise
+    _fused_cpu = True
+    return True

@@ -30,6 +30,7 @@ the edge), deterministically.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,17 @@ def _scratch(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: to
 # -- max ------------------------------------------------------------------------------------------
 
 
+def _nan_free(y: torch.Tensor) -> bool:
+    """Whether torch's plain max pool ``y`` saw no NaN tap, checked on the CPU only (on a GPU
+    the answer would synchronise the host, so the NaN-aware path always runs there).
+
+    torch's max propagates NaN (a window with a NaN tap yields NaN), so a NaN-free ``y``
+    means no window read a NaN, and then torch's max (first maximal tap) is Metal's ``fmax``.
+    One sum over the (smaller) result tells: it is NaN when any entry is (or when +inf and
+    -inf meet, which only sends the call down the NaN-aware path)."""
+    return y.device.type == "cpu" and not math.isnan(float(y.sum()))
+
+
 def _max_candidates(xm: torch.Tensor, ay: PoolAxis, ax: PoolAxis, indices: bool):  # type: ignore[no-untyped-def]
     """max_pool2d over the NaN-free key (NaN -> -inf) and over the "tap is a number" mask."""
     nan = torch.isnan(xm)
@@ -174,6 +186,10 @@ def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_
         tri.pool_forward(x, y, ay, ax, tri.MAX, clamp)
         return y
     xm = _nchw(_window(x, ay, ax, clamp))
+    if xm.device.type == "cpu":
+        y = F.max_pool2d(xm, (ay.taps, ax.taps), (ay.stride, ax.stride), 0, (ay.dilation, ax.dilation))
+        if _nan_free(y):
+            return _nhwc(y)
     _, y, any_number = _max_candidates(xm, ay, ax, False)
     return _nhwc(y.masked_fill(any_number == 0, float("nan")))
 
@@ -189,13 +205,19 @@ def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: P
         tri.pool_max_gradient(g, x, dx, ay, ax, clamp)
         return dx
     xm = _nchw(_window(x, ay, ax, clamp))
-    key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
-    # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
-    idx = torch.where(y == _NEG_INF, first_number, idx)
-    gm = _nchw(g).to(cdt).masked_fill(any_number == 0, 0.0)
+    k, s, d = (ay.taps, ax.taps), (ay.stride, ax.stride), (ay.dilation, ax.dilation)
+    plain = F.max_pool2d(xm, k, s, 0, d, return_indices=True) if xm.device.type == "cpu" else None
+    if plain is not None and _nan_free(plain[0]):
+        # no window read a NaN: torch's winners are the first maximal taps (an all -inf window
+        # reports its first tap, a number), and every window passes its gradient
+        key, idx, gm = xm, plain[1], _nchw(g).to(cdt)
+    else:
+        key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
+        # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
+        idx = torch.where(y == _NEG_INF, first_number, idx)
+        gm = _nchw(g).to(cdt).masked_fill(any_number == 0, 0.0)
     dblk = torch.ops.aten.max_pool2d_with_indices_backward(
-        gm, _scratch(key.shape, cdt, x.device), [ay.taps, ax.taps], [ay.stride, ax.stride], [0, 0],
-        [ay.dilation, ax.dilation], False, idx)
+        gm, _scratch(key.shape, cdt, x.device), list(k), list(s), [0, 0], list(d), False, idx)
     return _unfold_block(_nhwc(dblk), ay, ax, clamp)
 
 

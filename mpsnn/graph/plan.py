@@ -38,6 +38,9 @@ class PlannedStep:
     want_states: bool = False
     #: the result stays valid after the graph (a result or exported image): not temporary
     keep_result: bool = False
+    #: nothing reads the result: no later step, no needed result, no export (the filter runs
+    #: for its side effects only, e.g. the first convolution's gradient updating weights)
+    result_unused: bool = False
     #: the result image is one of the graph's results
     is_result: bool = False
     #: indices of the steps that read the result image
@@ -174,6 +177,8 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
         s.is_result = any(img is r for r in results)
         if img.export_from_graph or s.is_result:
             s.keep_result = True
+        s.result_unused = (s.result_reads == 0 and not img.export_from_graph
+                           and not any(img is r and need for r, need in zip(results, results_needed)))
         for src in s.node._source_images:
             last[id(src)] = s.index
 

@@ -548,9 +548,9 @@ class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
         ``e`` (NHWC) into the state's float32 buffers: overwritten by the first encode into a
         state, added by the rest of an ``encode_batch``. ``copy_`` / ``add_`` convert dW in
         the same kernel; the column sum writes ``db`` into its buffer directly."""
-        gw, gb = st._buffers()
-        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
         first = self._accumulating is None or id(st) not in self._accumulating
+        gw, gb = st._buffers(overwritten=first)
+        dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
         if first:
             gw.copy_(dw.reshape(gw.shape))
             if self._accumulating is not None:

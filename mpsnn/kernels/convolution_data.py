@@ -640,12 +640,19 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
             desc.feature_channels = channels
         return desc
 
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights_geometry(self) -> Any:
+        """The geometry of the kernel whose weights the buffers mirror."""
+        return self.convolution._geom
+
+    def _buffers(self, overwritten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 gradient buffers, made on first use: zeros, or uninitialised when the
+        caller (``overwritten``) writes every element before anything reads them."""
         if self._gw is None:
-            shape = weight_shape(self.convolution._geom)
+            g = self._weights_geometry()
             dev = self.device.torch_device
-            self._gw = torch.zeros(shape, dtype=torch.float32, device=dev)
-            self._gb = torch.zeros(self.convolution._geom.output_channels, dtype=torch.float32, device=dev)
+            make = torch.empty if overwritten else torch.zeros
+            self._gw = make(weight_shape(g), dtype=torch.float32, device=dev)
+            self._gb = make(g.output_channels, dtype=torch.float32, device=dev)
         assert self._gb is not None
         return self._gw, self._gb
 
@@ -673,14 +680,8 @@ class MPSCNNConvolutionTransposeGradientState(MPSCNNConvolutionGradientState):
         self.convolution = convolution
         self._owner = convolution_transpose
 
-    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._gw is None:
-            g = self._owner._geom
-            dev = self.device.torch_device
-            self._gw = torch.zeros(weight_shape(g), dtype=torch.float32, device=dev)
-            self._gb = torch.zeros(g.output_channels, dtype=torch.float32, device=dev)
-        assert self._gb is not None
-        return self._gw, self._gb
+    def _weights_geometry(self) -> Any:
+        return self._owner._geom
 
     def resource_size(self) -> int:
         g = self._owner._geom

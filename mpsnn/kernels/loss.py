@@ -60,7 +60,7 @@ from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
 from ..core.enums import MPSImageFeatureChannelFormat
 from ..core.errors import MPSTypeError, MPSValueError, value_error
-from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
+from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume, _root
 from ..core.regions import read_window
 from ..core.structs import MPSOffset, MPSRectNoClip
 from ..images.image import MPSImage, MPSImageDescriptor
@@ -222,9 +222,11 @@ class _LabelledLossKernel(MPSCNNKernel):
             dests = list(destination_images)  # type: ignore[arg-type]
             if len(dests) != len(srcs):
                 raise value_error(self._name(), "destination_images", f"{len(dests)} images", f"match the {len(srcs)} source images")
+            # each destination against every source: one root per distinct source storage
+            # (a graph hands the loss one-image views of one image)
+            roots = list({id(r): r for r in map(_root, srcs)}.values())
             for d in dests:
-                for s in srcs:
-                    self._check_no_alias(self._check_image("destination_image", d, cb), s)
+                self._check_no_alias(self._check_image("destination_image", d, cb), *roots)
         self._pending: list[Any] = []
         stack = self._stackable(srcs, dests, labs)
         try:

@@ -168,14 +168,18 @@ def build_digits_graphs(device: Device, data_sources: list[DigitsDataSource], ba
                         graph_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float16,
                         gradient_format: MPSImageFeatureChannelFormat = MPSImageFeatureChannelFormat.float32,
                         label_smoothing: float = 0.0, keep_probability: float | None = 0.5, dropout_seed: int = 1,
-                        normalize_input: bool = False, node_handler: Callable[..., Any] | None = None) -> DigitsGraphs:
+                        normalize_input: bool = False, input_gradient_needed: bool = True,
+                        node_handler: Callable[..., Any] | None = None) -> DigitsGraphs:
     """Build the sample's training graph (``training_graph`` from the loss node; its one
     terminal is conv1's gradient node, whose result is dL/d(input)) and inference graph.
 
     ``normalize_input`` adds a linear neuron ``(x - MNIST_MEAN) / MNIST_STD`` in front of
     conv1 in both graphs (not in the sample). ``keep_probability`` None leaves the dropout
     node out (not in the sample; a training graph that :attr:`MPSNNGraph.use_cuda_graph`
-    can capture, see :mod:`mpsnn.graph.capture`)."""
+    can capture, see :mod:`mpsnn.graph.capture`). ``input_gradient_needed`` False builds the
+    training graph with ``result_image_is_needed`` NO (the sample says YES): its encodes return
+    None, and the graph prunes dL/d(input), so conv1's gradient computes only its weights'
+    and bias's gradients."""
     ds = data_sources
     x = MPSNNImageNode(None)
     hidden = _features(_normalized(x) if normalize_input else x, ds)
@@ -198,7 +202,7 @@ def build_digits_graphs(device: Device, data_sources: list[DigitsDataSource], ba
     terminals = loss.training_graph(None, handler)
     if not terminals or len(terminals) != 1:
         raise MPSValueError(f"build_digits_graphs: the training graph must end in exactly one node, got {terminals}")
-    training = MPSNNGraph(device, terminals[0].result_image, True)
+    training = MPSNNGraph(device, terminals[0].result_image, input_gradient_needed)
     training.format = graph_format
 
     xi = MPSNNImageNode(None)

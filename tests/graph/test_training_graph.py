@@ -241,6 +241,31 @@ def test_digit_training_graph_runs_and_updates_each_layer_once(device):
         assert gw.shape == tuple(ds.w.shape) and np.isfinite(gw).all() and np.abs(gw).max() > 0, ds.label()
 
 
+def test_unneeded_input_gradient_is_pruned_and_the_weights_gradients_stay(device):
+    """graph.md §3: a training graph whose result (dL/dinput) is not needed computes conv1's
+    weight gradients only; every layer's gradients equal those of the graph that returns it."""
+    grads, outs = [], []
+    for needed in (True, False):
+        net = Digits()
+        terminals = net.loss.training_graph(None, float32_handler)
+        graph = m.MPSNNGraph(device, terminals[0].result_image, needed)
+        unused = [type(s.node).__name__ for s in graph.plan.steps if s.result_unused]
+        assert unused == ([] if needed else ["MPSCNNConvolutionGradientNode"])
+        rng = np.random.default_rng(61)
+        xs = [image(device, rng.uniform(0, 1, (28, 28, 1))) for _ in range(2)]
+        cb = device.make_command_queue().make_command_buffer()
+        outs.append(graph.encode_batch(cb, [xs], [_labels(device, [3, 8])]))
+        cb.commit()
+        cb.wait_until_completed()
+        grads.append([ds.gradient_states[0].gradient_for_weights.cpu().numpy() for ds in net.ds])
+        last = graph._kernels[id(graph.plan.steps[-1].node)]
+        assert last.gradient_option == m.MPSCNNConvolutionGradientOption.all      # restored after the encode
+    assert outs[1] is None and len(outs[0]) == 2
+    assert np.abs(outs[0][0].to_numpy()).max() > 0                               # dL/dinput was computed there
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_loss_on_graph_input_returns_loss_node():
     x = MPSNNImageNode("x")
     ld = MPSCNNLossDescriptor.cnn_loss_descriptor(MPSCNNLossType.softMaxCrossEntropy, MPSCNNReductionType.sum)

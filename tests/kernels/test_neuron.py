@@ -315,6 +315,9 @@ KINKS = [
     pytest.param(T.reLU, (0.25, 0, 0), 0.0, 0.0, 1.0, id="reLU@0"),
     pytest.param(T.reLU, (0.25, 0, 0), -0.0, -0.0, 1.0, id="reLU@-0"),
     pytest.param(T.reLU, (0.25, 0, 0), -1.0, -0.25, 0.25, id="reLU@-1"),
+    pytest.param(T.reLU, (0, 0, 0), 0.0, 0.0, 1.0, id="plain-reLU@0"),         # a = 0: the CPU's ReLU fast path
+    pytest.param(T.reLU, (0, 0, 0), -0.0, -0.0, 1.0, id="plain-reLU@-0"),
+    pytest.param(T.reLU, (0, 0, 0), -1.0, 0.0, 0.0, id="plain-reLU@-1"),
     pytest.param(T.pReLU, None, 0.0, 0.0, 1.0, id="pReLU@0"),
     pytest.param(T.pReLU, None, -2.0, -2.0 * SLOPE, SLOPE, id="pReLU@-2"),
     pytest.param(T.ELU, (0.5, 0, 0), 0.0, 0.0, 1.0, id="ELU@0"),

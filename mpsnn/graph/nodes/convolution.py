@@ -27,6 +27,7 @@ from ...core.device import Device
 from ...core.enums import (
     MPSCNNBinaryConvolutionFlags,
     MPSCNNBinaryConvolutionType,
+    MPSCNNConvolutionGradientOption,
     MPSNNConvolutionAccumulatorPrecisionOption,
     MPSNNTrainingStyle,
 )
@@ -230,7 +231,15 @@ class MPSCNNConvolutionGradientNode(MPSNNGradientFilterNode, MPSNNTrainableNode)
     def _encode(self, ctx: "_EncodeContext", kernel: Any, images: list["MPSImage"], states: list[Any]) -> tuple["MPSImage", list[Any]]:
         cb = ctx.command_buffer
         fwd = ctx.kernel_of(self._forward) if self._forward is not None else None
-        img, _ = encode_gradient(self, ctx, kernel, images, states)
+        option = kernel.gradient_option
+        if ctx.step.result_unused and option == MPSCNNConvolutionGradientOption.all:
+            # graph.md §3 (needed-ness): nothing reads this gradient image (typically dL/dinput of
+            # the first layer), so the graph prunes it and computes the weights' gradients only
+            kernel.gradient_option = MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias
+        try:
+            img, _ = encode_gradient(self, ctx, kernel, images, states)
+        finally:
+            kernel.gradient_option = option
         gstate = ctx.single_state(self, states[0])
         style = self._training_style
         if style == MPSNNTrainingStyle.updateDeviceNone:
