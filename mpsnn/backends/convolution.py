@@ -25,21 +25,31 @@ from ..core.enums import MPSImageEdgeMode
 from ..core.regions import read_window
 from . import dispatch
 
+#: let cuDNN time its algorithms on the first call of each geometry (torch's
+#: ``cudnn.benchmark``) for mpsnn's own convolution calls on CUDA, whatever the global setting
+#: (mpsnn): the first encode of a geometry is slower, later ones (and CUDA-graph replays) use
+#: the fastest algorithm found.
+CUDNN_BENCHMARK = True
+
 
 @contextmanager
 def tf32(allowed: bool, x: torch.Tensor) -> Iterator[None]:
-    """Allow or forbid TF32 in cuDNN/cuBLAS for float32 work on CUDA (restored afterwards)."""
-    if not (x.is_cuda and x.dtype == torch.float32):
+    """The cuDNN/cuBLAS settings of one mpsnn call on CUDA, restored afterwards: TF32 allowed
+    or forbidden for float32 work, and cuDNN's algorithm benchmark per ``CUDNN_BENCHMARK``."""
+    if not x.is_cuda:
         yield
         return
-    cd, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
-    torch.backends.cuda.matmul.allow_tf32 = allowed
+    cd, mm, bench = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    if x.dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = allowed
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.benchmark = bench or CUDNN_BENCHMARK
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = cd
         torch.backends.cuda.matmul.allow_tf32 = mm
+        torch.backends.cudnn.benchmark = bench
 
 
 @dataclass(frozen=True)
@@ -141,12 +151,13 @@ def _cudnn_into(name: str, out: torch.Tensor, *args: object) -> bool:
         return False
     *rest, allow_tf32 = args
     cudnn = torch.backends.cudnn
+    bench = cudnn.benchmark or CUDNN_BENCHMARK
     if fn is not None:
-        fn(*rest, cudnn.benchmark, cudnn.deterministic, bool(allow_tf32), out=out)
+        fn(*rest, bench, cudnn.deterministic, bool(allow_tf32), out=out)
         return True
     for candidate in _cudnn_out_candidates(name):
         try:
-            candidate(*rest, cudnn.benchmark, cudnn.deterministic, bool(allow_tf32), out=out)
+            candidate(*rest, bench, cudnn.deterministic, bool(allow_tf32), out=out)
         except (RuntimeError, NotImplementedError, TypeError):
             continue
         _cudnn_out_fns[name] = candidate
@@ -207,6 +218,40 @@ class Conv2dPlan:
         with tf32(self.allow_tf32, x):
             y = F.conv2d(xs, w_oihw, bias, self.stride, self.pad, self.dilation, self.groups)
         o.copy_(y[:, :, self.skip_y:self.skip_y + self.out_h, self.skip_x:self.skip_x + self.out_w])
+
+
+    def fused(self, x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor | None:
+        """``relu(conv(x) + bias [+ z])`` in one cuDNN call (``cudnn_convolution_relu`` or,
+        with the NHWC residual ``z`` of the result's shape, ``cudnn_convolution_add_relu``),
+        computed in float32 and rounded once, returned as a fresh NHWC tensor (no ``out=``
+        form exists; the caller adopts it as the destination's storage). None when this plan
+        is not a direct one, the operands are not all CUDA tensors of one dtype, or this
+        torch build has no such fused form (found out once); the caller then takes the
+        unfused path. ReLU here is cuDNN's ``max(v, 0)``."""
+        global _fused_ok
+        if not (self.direct and _fused_ok is not False and x.is_cuda and w_oihw.dtype == x.dtype
+                and (z is None or (z.dtype == x.dtype and z.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last)))):
+            return None
+        xs = (x[:, self.y0:self.y1, self.x0:self.x1, :] if self.crop else x).permute(0, 3, 1, 2)
+        try:
+            with tf32(self.allow_tf32, x):
+                if z is None:
+                    y = torch.cudnn_convolution_relu(xs, w_oihw, bias, self.stride, self.pad, self.dilation, self.groups)
+                else:
+                    y = torch.cudnn_convolution_add_relu(xs, w_oihw, z.permute(0, 3, 1, 2), 1.0, bias, self.stride, self.pad,
+                                                         self.dilation, self.groups)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            if _fused_ok is None:
+                _fused_ok = False
+                return None
+            raise
+        _fused_ok = True
+        y = y.permute(0, 2, 3, 1)
+        return y if y.is_contiguous() else y.contiguous()
+
+
+#: whether torch's fused cuDNN convolution + bias (+ add) + ReLU works here (None: not tried yet)
+_fused_ok: bool | None = None
 
 
 def plan_conv2d(x: torch.Tensor, w_oihw: torch.Tensor, *, stride: tuple[int, int], dilation: tuple[int, int], groups: int, left: int, top: int,
@@ -487,7 +532,11 @@ def _crop_or_zero(y: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Te
 
 
 def fully_connected_nhwc(x: torch.Tensor, w_ohwi: torch.Tensor, bias: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
-    """Inner product of each whole image ``[N, H, W, C]`` with OHWI weights -> ``[N, 1, 1, Cout]``."""
+    """Inner product of each whole image ``[N, H, W, C]`` with OHWI weights -> ``[N, 1, 1, Cout]``.
+
+    The image axes only have to agree between ``x`` and the weights: a kernel whose weights
+    are ``[Cout][W][H][Cin]`` passes ``x.transpose(1, 2)`` (the flattening copies that view,
+    ``N·H·W·C`` values, 1/Cout of the product's work)."""
     n = x.shape[0]
     x32, w32, b32 = cpu_float32(x, w_ohwi, bias)
     with tf32(allow_tf32, x):
@@ -496,12 +545,38 @@ def fully_connected_nhwc(x: torch.Tensor, w_ohwi: torch.Tensor, bias: torch.Tens
 
 
 def fully_connected_backward_nhwc(e: torch.Tensor, x: torch.Tensor, w_ohwi: torch.Tensor, allow_tf32: bool, need_data: bool,
-                                  need_weights: bool, need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                                  need_weights: bool, need_bias: bool, *, dw_out: torch.Tensor | None = None,
+                                  accumulate: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``dx = E·W`` (shaped like ``x``), ``dW = Eᵀ·x`` (shaped like the weights) and ``db = Σ_n E``
+    of :func:`fully_connected_nhwc` (the same freedom in the image axes' order).
+
+    ``dw_out`` (float32, contiguous, as many values as the weights): ``dW`` is written into it
+    (added to it when ``accumulate``) and returned; float32 operands write it with the matrix
+    product itself (``mm`` with ``out=`` / ``addmm_``), so the largest result of the layer is
+    neither allocated nor copied (16-bit operands on the CPU are float32 here already, see
+    :func:`cpu_float32`). 16-bit operands on CUDA compute ``dW`` in their dtype, as without
+    ``dw_out``, and convert it in the copy or addition."""
     n = x.shape[0]
     e32, x32, w32 = cpu_float32(e, x, w_ohwi)
     e2 = e32.reshape(n, -1)  # type: ignore[union-attr]
+    dw: torch.Tensor | None = None
     with tf32(allow_tf32, x):
         dx = (e2 @ w32.reshape(w_ohwi.shape[0], -1)).view(x.shape).to(e.dtype) if need_data else None  # type: ignore[union-attr]
-        dw = (e2.t() @ x32.reshape(n, -1)).view(w_ohwi.shape).to(e.dtype) if need_weights else None  # type: ignore[union-attr]
+        if need_weights:
+            x2 = x32.reshape(n, -1)  # type: ignore[union-attr]
+            if dw_out is None:
+                dw = (e2.t() @ x2).view(w_ohwi.shape).to(e.dtype)
+            else:
+                out2 = dw_out.view(e2.shape[1], x2.shape[1])
+                if e2.dtype == x2.dtype == out2.dtype:
+                    if accumulate:
+                        out2.addmm_(e2.t(), x2)
+                    else:
+                        torch.mm(e2.t(), x2, out=out2)
+                elif accumulate:
+                    out2.add_(e2.t() @ x2)
+                else:
+                    out2.copy_(e2.t() @ x2)
+                dw = dw_out
     db = e.reshape(n, -1).sum(0) if need_bias else None
     return dx, dw, db

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..backends.arithmetic import FLT_MAX as _FLT_MAX
 from ..core.device import Device, MTLCommandBuffer, as_device
 from ..core.enums import MPSImageFeatureChannelFormat
 from ..core.errors import MPSError, MPSTypeError, MPSValueError, value_error
@@ -45,6 +46,12 @@ from .nodes.base import MPSNNFilterNode, MPSNNImageNode, handle_label
 from .plan import GraphPlan, PlannedStep, make_plan
 
 _F = MPSImageFeatureChannelFormat
+
+
+
+def _conv_epilogue(z: Any, bias: Any, relu: bool) -> Any:
+    from ..kernels.convolution import _Epilogue
+    return _Epilogue(z, bias, relu)
 
 
 class _NodeAllocator(MPSImageAllocator):
@@ -444,7 +451,9 @@ class MPSNNGraph:
     def _run_steps(self, cb: MTLCommandBuffer, stacked: list[Any], counts: list[int], source_states: list[list[Any]] | None,
                    intermediate_images: list[Any] | None, destination_states: list[Any] | None) -> list[MPSImage] | None:
         """Encode every planned filter on ``cb`` over the stacked sources (one image per
-        source handle, or a batch of consecutive views of one); results split by ``counts``."""
+        source handle, or a batch of consecutive views of one); results split by ``counts``.
+        Residual tails (``plan.fusions``) whose kernels allow it run as one fused convolution
+        at the addition's place (:meth:`_fusable`)."""
         plan = self._plan
         with self._lock:
             index = self._encode_count
@@ -453,32 +462,79 @@ class MPSNNGraph:
         svalues: dict[int, Any] = {id(n): list(b) for n, b in zip(plan.source_states, source_states or [])}
         last = plan.last_reader()
         kept: dict[int, MPSImage] = {}
-        for step in plan.steps:
+
+        def run(step: PlannedStep, out: PlannedStep | None = None, epilogue: Any = None) -> None:
+            """Encode ``step``'s filter; its result is ``out``'s result image (``out``'s format,
+            read count and allocator: a fused tail's last step), default ``step``."""
             node = step.node
-            rnode = node._result_image
-            temporary = not step.keep_result and rnode.image_allocator is MPSTemporaryImage.default_allocator
+            out = out or step
+            rnode = out.node._result_image
+            temporary = not out.keep_result and rnode.image_allocator is MPSTemporaryImage.default_allocator
             user = None
-            if step.is_result:
+            if out.is_result:
                 user = self._allocator if self._allocator is not MPSImage.default_allocator else None
             elif rnode.image_allocator is not MPSTemporaryImage.default_allocator:
                 user = rnode.image_allocator
-            alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, step.result_reads, user)
-            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels)
+            alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, out.result_reads, user)
+            ctx = _EncodeContext(self, cb, alloc, out, index, self._kernels)
             images = [values[id(n)] for n in node._source_images]
             states = [svalues[id(s)] for s in node._source_states]
+            kernel = self._kernels[id(node)]
+            if epilogue is not None:
+                kernel._epilogue = epilogue
             try:
-                img, out_states = node._encode(ctx, self._kernels[id(node)], images, states)
+                img, out_states = node._encode(ctx, kernel, images, states)
             except MPSError as e:
                 raise _wrap(node, e) from e
-            if isinstance(img, MPSTemporaryImage) and step.result_reads == 0 and not step.keep_result:
+            finally:
+                if epilogue is not None:
+                    kernel._epilogue = None
+            if isinstance(img, MPSTemporaryImage) and out.result_reads == 0 and not out.keep_result:
                 img.read_count = 0
             values[id(rnode)] = img
-            if step.keep_result:
+            if out.keep_result:
                 kept[id(rnode)] = img
             for sn, st in zip(node._result_states or [], out_states):
                 svalues[id(sn)] = st
+
+        roles: dict[int, tuple[str, Any]] = {}
+        fusable: dict[int, bool] = {}
+        for f in plan.fusions:
+            roles[f.conv.index], roles[f.add.index], roles[f.relu.index] = ("conv", f), ("add", f), ("relu", f)
+            if f.fold is not None:
+                roles[f.fold.index] = ("fold", f)
+        fused: set[int] = set()
+        for step in plan.steps:
+            role = roles.get(step.index)
+            if role is None:
+                run(step)
+            else:
+                what, f = role
+                ok = fusable.get(id(f))
+                if ok is None:
+                    ok = fusable[id(f)] = self._fusable(f)
+                if what == "conv":
+                    if not ok:
+                        run(step)                  # else deferred to the addition
+                elif what == "fold":
+                    run(step, epilogue=_conv_epilogue(None, None, False) if ok else None)
+                elif what == "add":
+                    if ok and self._fuse(f, cb, values, run):
+                        fused.add(id(f))
+                    else:
+                        if ok:                     # the shapes ruled it out: run the parts after all
+                            run(f.conv)
+                            if f.fold is not None:
+                                self._restore_fold_bias(f, values)
+                        run(step)
+                elif id(f) not in fused:
+                    run(step)
+                if what == "add":
+                    for n in f.conv.node._source_images:
+                        if last.get(id(n)) == step.index and id(n) not in kept:
+                            values.pop(id(n), None)
             # forget images whose last reader ran (their storage is back in the pool)
-            for n in node._source_images:
+            for n in step.node._source_images:
                 if last.get(id(n)) == step.index and id(n) not in kept:
                     values.pop(id(n), None)
         if intermediate_images is not None:
@@ -490,6 +546,56 @@ class MPSNNGraph:
         if not plan.results_needed[0]:
             return None
         return self._split(kept[id(plan.results[0])], counts)
+
+    # -- fusion ----------------------------------------------------------------------------------------
+    def _fusable(self, f: Any) -> bool:
+        """Whether this encode may fuse the residual tail ``f`` (:class:`~mpsnn.graph.plan.ResidualFusion`):
+        the fused-convolution switch is on, the convolutions have no fused neuron (the folded
+        one has a bias), the addition has Apple's defaults (scales 1, bias 0, no clamp,
+        strides 1, no offsets) and the ReLU is plain (a = 0) with default geometry."""
+        from ..kernels import convolution as kc
+        k = self._kernels
+        conv, add, relu = k[id(f.conv.node)], k[id(f.add.node)], k[id(f.relu.node)]
+        if not kc.FUSED_CUDNN_RELU or conv.fused_neuron_descriptor is not None:
+            return False
+        if f.fold is not None:
+            d = k[id(f.fold.node)]
+            if d.fused_neuron_descriptor is not None or (d._b32 is None and d._descriptor.batch_normalization_parameters is None):
+                return False
+        from ..core.structs import MPSOffset, MPSRectNoClip
+        plain_add = (add._p_scale == 1.0 and add._s_scale == 1.0 and add._bias == 0.0 and add._min == -_FLT_MAX and add._max == _FLT_MAX
+                     and list(add._p_stride) == [1, 1] and list(add._s_stride) == [1, 1] and add._p_c_stride == 1 and add._s_c_stride == 1
+                     and add._p_offset == MPSOffset() and add._s_offset == MPSOffset() and add._clip_rect == MPSRectNoClip
+                     and add._dst_c_off == 0 and add._p_c_off == 0 and add._s_c_off == 0)
+        plain_relu = (relu.neuron_type == kc.MPSCNNNeuronType.reLU and relu.a == 0.0 and relu._offset == MPSOffset()
+                      and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0)
+        return bool(plain_add and plain_relu)
+
+    def _fuse(self, f: Any, cb: MTLCommandBuffer, values: dict[int, MPSImage], run: Callable[..., None]) -> bool:
+        """Run the tail ``f`` as ``relu(conv(x) + bias + other)`` (one cuDNN call on CUDA); False
+        (nothing encoded) when the convolution's result would not have ``other``'s shape."""
+        from ..core.kernel import _consume
+        conv = self._kernels[id(f.conv.node)]
+        other = values[id(f.other)]
+        src = values[id(f.conv.node._source_images[0])]
+        f.conv.node._apply_padding(conv)
+        d = conv.destination_image_descriptor([src])
+        if (d.number_of_images, d.height, d.width, d.feature_channels) != other.shape or src.dtype != other.dtype:
+            return False
+        dtype = src.dtype if src.dtype != torch.float64 else torch.float32
+        bias = conv._compute_weights(dtype, fold=True)[1]
+        if f.fold is not None:
+            extra = self._kernels[id(f.fold.node)]._compute_weights(dtype, fold=True)[1]
+            bias = extra if bias is None else bias + extra
+        run(f.conv, out=f.relu, epilogue=_conv_epilogue(other.tensor, bias, True))
+        _consume([other])                                  # the addition's read of it
+        return True
+
+    def _restore_fold_bias(self, f: Any, values: dict[int, MPSImage]) -> None:
+        """The folded convolution ran without its bias but the tail could not fuse: add it."""
+        other = values[id(f.other)]
+        b = self._kernels[id(f.fold.node)]._compute_weights(other.dtype if other.dtype != torch.float64 else torch.float32, fold=True)[1]
+        other.tensor.add_(b.to(other.dtype))
 
     # -- description -----------------------------------------------------------------------------------
     @property

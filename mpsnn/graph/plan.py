@@ -48,6 +48,55 @@ class PlannedStep:
 
 
 @dataclass
+class ResidualFusion:
+    """A residual tail the graph may run as one fused convolution (mpsnn graph fusion):
+    convolution ``conv`` (no fused neuron) -> addition ``add`` with ``other`` -> ReLU ``relu``,
+    where the convolution's and the addition's results have no other reader and are neither
+    results nor exported. The fused convolution runs at the addition's place (``other`` is
+    ready there) and produces the ReLU's result. ``fold``: the step making ``other`` when it
+    is a convolution (no fused neuron) read only by the addition: its bias then moves into
+    the fused convolution's bias (one bias pass less). Whether the kernels allow it (no fused
+    neuron, default arithmetic, a plain ReLU, equal shapes) is checked per encode."""
+
+    conv: "PlannedStep"
+    add: "PlannedStep"
+    relu: "PlannedStep"
+    other: MPSNNImageNode
+    fold: "PlannedStep | None"
+
+
+def _private(step: PlannedStep) -> bool:
+    """The step's result has exactly one reader, and is no result, export or state source."""
+    return step.result_reads == 1 and not step.keep_result and not step.want_states
+
+
+def find_residual_fusions(steps: list[PlannedStep]) -> list[ResidualFusion]:
+    """Every conv -> add -> ReLU tail of the plan (see :class:`ResidualFusion`)."""
+    from .nodes.arithmetic import MPSNNAdditionNode
+    from .nodes.convolution import MPSCNNConvolutionNode
+    from .nodes.neuron import MPSCNNNeuronReLUNode
+
+    by_result = {id(st.node._result_image): st for st in steps}
+    out: list[ResidualFusion] = []
+    for a in steps:
+        srcs = a.node._source_images
+        if type(a.node) is not MPSNNAdditionNode or len(srcs) != 2 or srcs[0] is srcs[1] or not _private(a):
+            continue
+        r = steps[a.readers[0]]
+        if type(r.node) is not MPSCNNNeuronReLUNode or r.want_states or a.node._source_states or r.node._source_states:
+            continue
+        for k in (0, 1):
+            c = by_result.get(id(srcs[k]))
+            if c is None or type(c.node) is not MPSCNNConvolutionNode or not _private(c) or c.node._source_states:
+                continue
+            d = by_result.get(id(srcs[1 - k]))
+            fold = d if d is not None and type(d.node) is MPSCNNConvolutionNode and _private(d) and not d.node._source_states else None
+            out.append(ResidualFusion(c, a, r, srcs[1 - k], fold))
+            break
+    return out
+
+
+@dataclass
 class GraphPlan:
     steps: list[PlannedStep]
     source_images: list[MPSNNImageNode]
@@ -61,6 +110,8 @@ class GraphPlan:
     result_states: list[MPSNNStateNode]
     #: id(image node) -> index of the last step reading it, computed once by make_plan
     _last_reader: dict[int, int] = field(default_factory=dict)
+    #: conv -> add -> ReLU tails the graph may fuse (:func:`find_residual_fusions`)
+    fusions: list[ResidualFusion] = field(default_factory=list)
 
     def last_reader(self) -> dict[int, int]:
         """id(image node) -> index of the last step reading it (lifetime end)."""
@@ -193,6 +244,11 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
     if results[0].export_from_graph and id(results[0]) in by_result:
         intermediates.append(results[0])
     result_states = [sn for s in steps for sn in s.node._result_states or [] if sn.export_from_graph]
+    fusions = find_residual_fusions(steps)
+    for f in fusions:
+        # a fused convolution runs at its addition's place: its sources live until then
+        for src in f.conv.node._source_images:
+            last[id(src)] = max(last.get(id(src), -1), f.add.index)
     return GraphPlan(steps, source_images, source_states,
                      [img_reads[id(i)] for i in source_images], [state_reads[id(s)] for s in source_states],
-                     list(results), list(results_needed), intermediates, result_states, last)
+                     list(results), list(results_needed), intermediates, result_states, last, fusions)

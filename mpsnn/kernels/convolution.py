@@ -45,6 +45,7 @@ Numerics and decisions:
 from __future__ import annotations
 
 import operator
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -65,6 +66,7 @@ from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume
 from ..images import formats as fm
 from ..images.image import MPSImage, MPSImageDescriptor
 from ..images.state import ForwardGeometry, MPSState
+from . import convolution_data
 from .convolution_data import (
     ConvolutionDataSource,
     ConvolutionGeometry,
@@ -112,7 +114,27 @@ class WholeImageWindow:
 
 class _ConvolutionWeights:
     """Weight handling shared by every convolution-family kernel: load from the data source,
-    float32 master tensors, per-dtype compute tensors, reload and export."""
+    float32 master tensors, per-dtype compute tensors, reload and export.
+
+    The float32 master is OHWI (depthwise ``[O][H][W][1]``), except for the fully-connected
+    kinds, whose master keeps the data source's own layout (``[Cout][W][H][Cin]`` while
+    ``FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT``): every weight transfer of a training step (export,
+    reload into the forward and the gradient kernel, the weight gradient) is then a plain
+    copy or is written in place, and the kernels reorder the source image instead
+    (``x.transpose(1, 2)``, ``N·H·W·Cin`` values per encode, 1/Cout of the product's work)
+    rather than the ``Cout·H·W·Cin`` weights several times per step.
+
+    Two private forms serve mpsnn's graph update (``MPSCNNConvolutionGradientNode``), where a
+    copy of the weights per step would be pure overhead:
+
+    * :meth:`_export_shared`: an export whose tensors view the master, made a snapshot by
+      copy on write (the next in-place write of the master first gives the views that are
+      still referenced their own copies; none are made when nobody kept them).
+    * :meth:`_borrow_master`: a gradient kernel reads its forward kernel's master instead of
+      reloading a copy of the same weights (the graph always reloads both from one state).
+      The forward kernel keeps writing the master in place (its address stays fixed, which a
+      captured CUDA graph relies on); a borrowing kernel that is reloaded itself takes its
+      own master again instead of writing the shared one."""
 
     _kind = "regular"
     _geom: ConvolutionGeometry
@@ -136,30 +158,32 @@ class _ConvolutionWeights:
         #: recorded encode plans (forward: _ForwardPlan, gradient: _GradientPlan); see _encode_checked
         self._plans: dict[Any, Any] = {}
         self._recording: Any = None
+        #: views of the master handed out by _export_shared (weak): copied before an in-place write
+        self._exports: list[weakref.ref[torch.Tensor]] = []
+        #: whether the master tensors are another kernel's (_borrow_master)
+        self._borrowed = False
 
     def _moved_to_device(self) -> None:
-        self._set_master(self._w32, self._b32)
+        borrowed = self._borrowed
+        self._set_master(self._w32.clone() if borrowed else self._w32, self._b32.clone() if borrowed and self._b32 is not None else self._b32)
         super()._moved_to_device()  # type: ignore[misc]
 
     # -- layouts ----------------------------------------------------------------------------------
     def _to_layout(self, w_internal: torch.Tensor) -> torch.Tensor:
-        """Internal OHWI (depthwise ``[O][H][W][1]``) -> the data source's layout."""
+        """The master (class docstring) -> the data source's layout (a view)."""
         if self._geom.kind == "depthwise":
             return w_internal[..., 0]
-        if self._geom.kind == "fully_connected":
-            from .convolution_data import FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT
-            return w_internal.transpose(1, 2) if FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else w_internal
         return w_internal
 
     def _from_layout(self, w_layout: torch.Tensor) -> torch.Tensor:
-        shape = weight_shape(self._geom)
-        w = w_layout.reshape(shape)
-        if self._geom.kind == "depthwise":
-            return w.unsqueeze(-1)
-        if self._geom.kind == "fully_connected":
-            from .convolution_data import FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT
-            return w.transpose(1, 2) if FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else w
-        return w
+        """The data source's layout -> the master's (a view)."""
+        w = w_layout.reshape(weight_shape(self._geom))
+        return w.unsqueeze(-1) if self._geom.kind == "depthwise" else w
+
+    @staticmethod
+    def _in_master_order(x: torch.Tensor) -> torch.Tensor:
+        """A fully-connected kernel's NHWC source in its master's image-axis order (a view)."""
+        return x.transpose(1, 2) if convolution_data.FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT else x
 
     def _compute_weights(self, dtype: torch.dtype, fold: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """OIHW channels-last weights (and bias) in ``dtype``; converted once per dtype."""
@@ -213,6 +237,18 @@ class _ConvolutionWeights:
         if state.weights.numel() != n:
             raise value_error(type(self).__name__, "state.weights", f"{state.weights.numel()} values", f"hold {n} weights {list(weight_shape(self._geom))}")
         with cb.encoding(type(self).__name__):
+            if self._views_master(state):
+                # the state's tensors are this master (an in-place update of an _export_shared
+                # state): it holds the new weights already
+                self._compute.clear()
+                self._plans.clear()
+                state.consume_read()
+                return
+            if self._borrowed:
+                # the master is another kernel's (_borrow_master): take an own one (the weights
+                # are written in full below), leave that one be
+                self._set_master(torch.empty_like(self._w32), None if self._b32 is None else self._b32.clone())
+            self._detach_exports()
             self._w32.copy_(self._from_layout(state.weights))
             if state.biases is not None:
                 if self._b32 is None:
@@ -238,6 +274,62 @@ class _ConvolutionWeights:
         return MPSCNNConvolutionWeightsAndBiasesState(w, b)
 
     export_weights_and_biases_with_command_buffer = export_weights_and_biases
+
+    def _export_shared(self, command_buffer: MTLCommandBuffer) -> MPSCNNConvolutionWeightsAndBiasesState:
+        """:meth:`export_weights_and_biases` without the copy (non-temporary): the state's
+        tensors are views of the master, registered for copy on write. Before the master is
+        next written in place (:meth:`reload_weights_and_biases_with_command_buffer`), every
+        such tensor that is still referenced (by the state or on its own) is re-pointed at a
+        copy of its values (``Tensor.set_``), so whoever kept the state keeps a snapshot; when
+        nobody did (a data source's ``update`` reads it during the call) nothing is copied.
+        One set of such views is live at a time (a new export first detaches the older ones),
+        so a holder that writes through its state (an optimizer's in-place form) changes the
+        master, which a reload from that state then finds up to date, and no other holder's
+        snapshot. Views a holder derives from those tensors are not tracked (the graph, the
+        one caller, hands the state to the data source's ``update``)."""
+        cb = self._check_command_buffer(command_buffer)  # type: ignore[attr-defined]
+        with cb.encoding(type(self).__name__):
+            self._detach_exports()
+            w = self._to_layout(self._w32)
+            w = w.view_as(w)
+            views = [w]
+            if self._b32 is not None:
+                b = self._b32.view_as(self._b32)
+                views.append(b)
+            else:
+                b = torch.zeros(self._geom.output_channels, dtype=torch.float32, device=self._w32.device)
+        self._exports[:] = [weakref.ref(t) for t in views]
+        return MPSCNNConvolutionWeightsAndBiasesState(w, b)
+
+    def _views_master(self, state: MPSCNNConvolutionWeightsAndBiasesState) -> bool:
+        """Whether ``state``'s weights (and biases, where it has them) are exactly this
+        kernel's master tensors in the data source's layout."""
+        def same(t: torch.Tensor, u: torch.Tensor | None) -> bool:
+            return u is not None and t.data_ptr() == u.data_ptr() and t.shape == u.shape and t.stride() == u.stride()
+        return same(state.weights, self._to_layout(self._w32)) and (state.biases is None or same(state.biases.reshape(-1), self._b32))
+
+    def _detach_exports(self) -> None:
+        """Copy on write of :meth:`_export_shared`: give each view still referenced its own copy."""
+        for ref in self._exports:
+            t = ref()
+            if t is not None:
+                t.set_(t.clone())  # type: ignore[call-overload]
+        self._exports.clear()
+
+    def _borrow_master(self, owner: "_ConvolutionWeights") -> bool:
+        """Read ``owner``'s float32 master (weights, biases and their export registry) from now
+        on instead of a copy of it: the graph's gradient kernel after the forward kernel was
+        reloaded from the state both would read (class docstring). Clears what a reload
+        clears. False, and nothing done, unless both kernels have one geometry (so one master
+        layout), one device and agree on having biases."""
+        if owner is self or owner._borrowed or owner._geom != self._geom or owner._w32.device != self._w32.device \
+                or (owner._b32 is None) != (self._b32 is None):
+            return False
+        self._w32, self._b32, self._exports = owner._w32, owner._b32, owner._exports
+        self._borrowed = True
+        self._compute.clear()
+        self._plans.clear()
+        return True
 
     def _allow_tf32(self) -> bool:
         return getattr(self, "accumulator_precision_option", MPSNNConvolutionAccumulatorPrecisionOption.float) == MPSNNConvolutionAccumulatorPrecisionOption.half
@@ -359,6 +451,8 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
                                            "accumulator_precision_option")
     #: whether encodes may be replayed from a plan (subclasses with their own numerics say False)
     _use_plans = True
+    #: a graph's fused epilogue for the current encode (mpsnn; see :class:`_Epilogue`)
+    _epilogue: "_Epilogue | None" = None
 
     def _encode_checked(self, cb: MTLCommandBuffer, src: MPSImage, dest: Any, state: MPSState | None) -> None:
         """Repeated encodes of one geometry replay a plan recorded by the first one (see
@@ -367,8 +461,8 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             MPSCNNKernel._encode_checked(self, cb, src, dest, state)
             return
         dest = self._check_image("destination_image", dest, cb)
-        xt, yt = src.tensor, dest.tensor
-        key = (xt.shape, xt.stride(), xt.dtype, yt.shape, yt.stride(), dest.feature_channel_format, self._plan_properties(self))
+        xt = src.tensor
+        key = (xt.shape, xt.stride(), xt.dtype, *_layout(dest), dest.feature_channel_format, self._plan_properties(self))
         plan = self._plans.get(key)
         if plan is None:
             self._recording = key
@@ -379,7 +473,7 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
             return
         self._check_no_alias(dest, src)
         with cb.encoding(self._name()):
-            plan.run(xt, yt)
+            plan.encode(xt, dest, self._epilogue)
 
     def _encode_region(self, cb: MTLCommandBuffer, src: MPSImage, inp: InputGeometry, dest: MPSImage, region: Region, state: MPSState | None) -> None:
         g = self._geom
@@ -394,25 +488,37 @@ class MPSCNNConvolution(_ConvolutionWeights, MPSCNNKernel):
         r = g.sub_pixel
         ow, oh = (region.width + r - 1) // r, (region.height + r - 1) // r
         p = self._neuron_params()
+        ep = self._epilogue
+        if ep is not None and (p is not None or r > 1 or (ep.z is not None and tuple(ep.z.shape) != tuple(dest.shape))):
+            raise MPSValueError(f"{self._name()}: a graph epilogue needs a convolution without fused neuron or sub-pixel "
+                                "scaling whose residual has the destination's shape")
         if r == 1 and dest.dtype == w.dtype and dest.feature_channel_format not in fm.UNORM_MAX:
             # the result fills a region of a destination in the compute dtype: write it in place
             out_index = None if region.covers(dest) else region.index()
-            out = dest.tensor if out_index is None else dest.tensor[out_index]
+            if out_index is None and not dest.is_allocated:
+                out = torch.empty(dest.shape, dtype=dest.dtype, device="meta")     # planned against, not allocated yet
+            else:
+                out = dest.tensor if out_index is None else dest.tensor[out_index]
             conv = conv_backend.plan_conv2d(x, w, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
                                             groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
                                             edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32(), out=out)
             if conv is not None:
                 plan = _ForwardPlan(conv, x_index, out_index, w, b, p)
                 if cast:
-                    plan.finish(x, out)
+                    plan.finish(x, dest.tensor if out_index is None else dest.tensor[out_index], ep)
                 else:
-                    plan.run(xt, dest.tensor)
+                    plan.encode(xt, dest, ep)
                     if self._recording is not None:
                         self._plans[self._recording] = plan
                 return
-        y = conv_backend.conv2d_nhwc(x, w, b, stride=(g.stride_x, g.stride_y), dilation=(g.dilation_x, g.dilation_y),
-                                     groups=g.torch_groups, left=inp.window_left, top=inp.window_top, out_w=ow, out_h=oh,
-                                     edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32())
+        y = conv_backend.conv2d_nhwc(x, w, b if ep is None else ep.bias, stride=(g.stride_x, g.stride_y),
+                                     dilation=(g.dilation_x, g.dilation_y), groups=g.torch_groups, left=inp.window_left,
+                                     top=inp.window_top, out_w=ow, out_h=oh, edge_mode=inp.edge_mode, allow_tf32=self._allow_tf32())
+        if ep is not None:
+            if ep.z is not None:
+                y = y + ep.z[region.index()].to(y.dtype)
+            if ep.relu:
+                p = _RELU
         if r > 1:
             if p is not None:
                 y = y.contiguous()
@@ -439,16 +545,39 @@ class _ForwardPlan:
     windows), runs the convolution into the destination and applies the fused neuron.
     """
 
-    __slots__ = ("conv", "x_index", "out_index", "w", "b", "neuron")
+    __slots__ = ("conv", "x_index", "out_index", "w", "b", "neuron", "relu")
 
     def __init__(self, conv: conv_backend.Conv2dPlan, x_index: tuple[slice, ...] | None, out_index: tuple[slice, ...] | None,
                  w: torch.Tensor, b: torch.Tensor | None, neuron: NeuronParams | None) -> None:
         self.conv, self.x_index, self.out_index, self.w, self.b, self.neuron = conv, x_index, out_index, w, b, neuron
+        #: the fused neuron is a plain ReLU (a = 0), which cuDNN can apply in the convolution's epilogue
+        self.relu = neuron is not None and neuron.neuron_type == MPSCNNNeuronType.reLU and neuron.a == 0.0 and neuron.slopes is None
 
-    def run(self, xt: torch.Tensor, yt: torch.Tensor) -> None:
-        self.finish(xt if self.x_index is None else xt[self.x_index], yt if self.out_index is None else yt[self.out_index])
+    def encode(self, xt: torch.Tensor, dest: MPSImage, ep: "_Epilogue | None" = None) -> None:
+        """Run the convolution of ``xt`` into ``dest`` with the fused neuron, or with a graph
+        epilogue ``ep`` instead (bias, residual, ReLU). With ``FUSED_CUDNN_RELU`` on, a ReLU
+        result that fills a destination without storage yet comes from one fused cuDNN call
+        whose output becomes the destination's storage (no bias or neuron pass)."""
+        x = xt if self.x_index is None else xt[self.x_index]
+        relu, bias, z = (self.relu, self.b, None) if ep is None else (ep.relu, ep.bias, ep.z)
+        if relu and FUSED_CUDNN_RELU and self.out_index is None and not dest.is_allocated:
+            y = self.conv.fused(x, self.w, bias, z)
+            if y is not None:
+                write_result(dest, Region(0, dest.number_of_images, 0, 0, dest.width, dest.height, 0, dest.feature_channels), y)
+                return
+        yt = dest.tensor
+        self.finish(x, yt if self.out_index is None else yt[self.out_index], ep)
 
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def finish(self, x: torch.Tensor, out: torch.Tensor, ep: "_Epilogue | None" = None) -> None:
+        if ep is not None:
+            self.conv.run(x, self.w, None, out)
+            if ep.z is not None:
+                out.add_(ep.z)
+            if ep.relu:
+                dispatch.neuron_forward(out, out, _RELU, bias=ep.bias)
+            elif ep.bias is not None:
+                out.add_(ep.bias)
+            return
         if self.neuron is None:
             self.conv.run(x, self.w, self.b, out)
             return
@@ -456,6 +585,43 @@ class _ForwardPlan:
         # rounding of the biased value instead of two)
         self.conv.run(x, self.w, None, out)
         dispatch.neuron_forward(out, out, self.neuron, bias=self.b)
+
+
+#: let a convolution whose fused neuron is a plain ReLU (or a graph's residual epilogue) run as
+#: one fused cuDNN call on CUDA (mpsnn). cuDNN's ReLU is ``max(v, 0)``; see :class:`_Epilogue`.
+FUSED_CUDNN_RELU = True
+_RELU = NeuronParams(MPSCNNNeuronType.reLU)
+
+
+class _Epilogue:
+    """What :class:`~mpsnn.MPSNNGraph` asks of one encode of a convolution without a fused
+    neuron (mpsnn graph fusion): ``bias`` replaces the kernel's bias (None: no bias), ``z``
+    (an NHWC tensor of the destination's shape, or None) is added, then ``relu`` applies a
+    ReLU. The graph sets it on the kernel around that one encode. On CUDA the whole
+    ``relu(conv + bias + z)`` is one cuDNN call (``FUSED_CUDNN_RELU``); cuDNN rounds once
+    (the unfused path rounds after the convolution and after the addition too), and its
+    ReLU is ``max(v, 0)`` where MPS's is ``v >= 0 ? v : 0·v``: NaN propagates in both
+    (checked on an H200), and they differ only for a sum of -inf (0 against NaN), which no
+    finite input and weights produce."""
+
+    __slots__ = ("z", "bias", "relu")
+
+    def __init__(self, z: torch.Tensor | None, bias: torch.Tensor | None, relu: bool) -> None:
+        self.z, self.bias, self.relu = z, bias, relu
+
+
+def _layout(image: MPSImage) -> tuple[Any, Any]:
+    """An image's tensor shape and strides, without allocating its storage (a fresh image's
+    storage will be contiguous)."""
+    if image.is_allocated:
+        t = image.tensor
+        return t.shape, t.stride()
+    shape = torch.Size(image.shape)
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= d
+    return shape, tuple(reversed(stride))
 
 
 class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
@@ -548,16 +714,22 @@ class ConvolutionGradientBase(_ConvolutionWeights, MPSCNNGradientKernel):
         ``e`` (NHWC) into the state's float32 buffers: overwritten by the first encode into a
         state, added by the rest of an ``encode_batch``. ``copy_`` / ``add_`` convert dW in
         the same kernel; the column sum writes ``db`` into its buffer directly."""
-        first = self._accumulating is None or id(st) not in self._accumulating
-        gw, gb = st._buffers(overwritten=first)
+        gw, gb, first = self._gradient_buffers(st)
         dw = self._to_layout(dw_oihw.permute(0, 2, 3, 1))
         if first:
             gw.copy_(dw.reshape(gw.shape))
-            if self._accumulating is not None:
-                self._accumulating.add(id(st))
         else:
             gw.add_(dw.reshape(gw.shape))
         dispatch.column_sum(e, out=gb, accumulate=not first)
+
+    def _gradient_buffers(self, st: MPSCNNConvolutionGradientState) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The state's float32 dW and db buffers, and whether this encode overwrites them (the
+        first encode into the state) rather than adds to them (the rest of an ``encode_batch``)."""
+        first = self._accumulating is None or id(st) not in self._accumulating
+        gw, gb = st._buffers(overwritten=first)
+        if first and self._accumulating is not None:
+            self._accumulating.add(id(st))
+        return gw, gb, first
 
 
 class MPSCNNConvolutionGradient(ConvolutionGradientBase):
@@ -600,6 +772,8 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
     _plan_properties = operator.attrgetter("_clip_rect", "_p_offset", "_s_offset", "_s_edge", "gradient_option", "accumulator_precision_option")
     #: whether encodes may be replayed from a plan (subclasses with their own numerics say False)
     _use_plans = True
+    #: a graph's fused epilogue for the current encode (mpsnn; see :class:`_Epilogue`)
+    _epilogue: "_Epilogue | None" = None
 
     def encode(self, command_buffer, source_gradient, source_image, gradient_state, destination_gradient=None):  # type: ignore[no-untyped-def]
         """As :meth:`MPSCNNGradientKernel.encode`. Repeated encodes of one geometry replay a
@@ -679,13 +853,19 @@ class MPSCNNConvolutionGradient(ConvolutionGradientBase):
                 self._plans[self._recording] = _GradientPlan(planned, w, region)
             _run_gradient_plan(self, planned, e, x, w, dest, region, st)
             return
-        dx, dw = self._backward(e, x, w, left, top, f.edge_mode, need_data, need_w)
-        if need_w:
-            assert dw is not None
-            self._store_weight_gradients(st, dw, e)
+        dx = self._backward_into(st, e, x, w, left, top, f.edge_mode, need_data, need_w)
         if need_data:
             assert dx is not None
             write_result(dest, region, dx)
+
+    def _backward_into(self, st, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+        """The general path's numerics: returns the data gradient (None unless ``need_data``)
+        and stores dW and db into the gradient state ``st`` (when ``need_w``)."""
+        dx, dw = self._backward(e, x, w, left, top, edge_mode, need_data, need_w)
+        if need_w:
+            assert dw is not None
+            self._store_weight_gradients(st, dw, e)
+        return dx
 
     def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
         g = self._geom
@@ -750,7 +930,8 @@ class MPSCNNFullyConnected(WholeImageWindow, MPSCNNConvolution):
         x = src.tensor[inp.n0:inp.n0 + region.count, :, :, inp.c0:inp.c0 + g.input_channels]
         w, b = self._compute_weights(x.dtype if x.dtype != torch.float64 else torch.float32, fold=True)
         x = x.to(w.dtype) if x.dtype != w.dtype else x
-        y = conv_backend.fully_connected_nhwc(x, w.permute(0, 2, 3, 1), b, self._allow_tf32())
+        # the master is in the data source's layout (see _ConvolutionWeights): the source is reordered to match
+        y = conv_backend.fully_connected_nhwc(self._in_master_order(x), w.permute(0, 2, 3, 1), b, self._allow_tf32())
         p = self._neuron_params()
         if p is not None:
             y = y.contiguous()
@@ -772,7 +953,17 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
             raise value_error(self._name(), "source_image", f"{sec.width}x{sec.height}", f"match the kernel size {self._geom.kernel_width}x{self._geom.kernel_height}")
         return e, x
 
-    def _backward(self, e, x, w, left, top, edge_mode, need_data, need_w, dx_out=None):  # type: ignore[no-untyped-def]
-        dx, dw, _ = conv_backend.fully_connected_backward_nhwc(e, x, w.permute(0, 2, 3, 1), self._allow_tf32(), need_data, need_w, False)
-        return dx, (dw.permute(0, 3, 1, 2) if dw is not None else None)
+    def _backward_into(self, st, e, x, w, left, top, edge_mode, need_data, need_w):  # type: ignore[no-untyped-def]
+        """One matrix product per result: the source reordered to the master's (and the
+        state's) layout, so dW is written into the state's buffer by its product (added to it
+        in the rest of an ``encode_batch``) and dx comes back in that order (a view)."""
+        gw = gb = None
+        first = True
+        if need_w:
+            gw, gb, first = self._gradient_buffers(st)
+        dx, _, _ = conv_backend.fully_connected_backward_nhwc(e, self._in_master_order(x), w.permute(0, 2, 3, 1), self._allow_tf32(), need_data,
+                                                              need_w, False, dw_out=gw, accumulate=not first)
+        if need_w:
+            dispatch.column_sum(e, out=gb, accumulate=not first)
+        return None if dx is None else self._in_master_order(dx)
 

@@ -465,7 +465,10 @@ def geometry_of(owner: str, desc: MPSCNNConvolutionDescriptor, kind: str) -> Con
 
 @dataclass
 class LoadedWeights:
-    """Float32 weights (OHWI; depthwise ``[Cout][kH][kW][1]``) and biases read from a data source."""
+    """Float32 weights and biases read from a data source, the weights in the order of a
+    kernel's float32 master: OHWI, depthwise ``[Cout][kH][kW][1]``, fully connected the data
+    source's own layout (:func:`weight_shape`; see ``_ConvolutionWeights`` in
+    ``mpsnn.kernels.convolution`` for why)."""
 
     weights: np.ndarray
     bias: np.ndarray | None
@@ -538,9 +541,7 @@ def load_weights(owner: str, ds: Any, kind: str) -> tuple[LoadedWeights, Convolu
         label = ds.label()
     finally:
         ds.purge()
-    if kind == "fully_connected" and FULLY_CONNECTED_WIDTH_BEFORE_HEIGHT:
-        w = np.ascontiguousarray(w.transpose(0, 2, 1, 3))     # [O][W][H][I] -> OHWI
-    elif kind == "depthwise" or geom.kind == "depthwise":
+    if kind == "depthwise" or geom.kind == "depthwise":
         w = w.reshape(shape + (1,))                           # [O][H][W] -> [O][H][W][1]
     return LoadedWeights(np.ascontiguousarray(w), bias, label, desc), geom
 

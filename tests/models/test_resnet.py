@@ -95,3 +95,30 @@ def test_bad_state_and_size_are_named() -> None:
         build_resnet50(dev, bad, size=64, num_classes=10)
     with pytest.raises(m.MPSValueError, match="size"):
         build_resnet50(dev, STATE, size=16, num_classes=10)
+
+
+def test_plan_finds_every_residual_tail() -> None:
+    """Graph fusion: each of the 16 bottlenecks ends conv3 -> add -> ReLU; the 4 first blocks of
+    a stage add a downsample convolution, whose bias folds into conv3's."""
+    g = build_resnet50(m.Device("cpu"), STATE, size=64, num_classes=10, graph_format=m.MPSImageFeatureChannelFormat.float32)
+    fusions = g.plan.fusions
+    assert len(fusions) == sum(BLOCKS)
+    assert sum(f.fold is not None for f in fusions) == len(BLOCKS)
+    assert all(f.conv.node.label.endswith("conv3") for f in fusions)
+    assert all(f.fold.node.label.endswith("downsample.0") for f in fusions if f.fold is not None)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_and_unfused_residual_tails_match_the_reference(device: m.Device, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The residual tails fused (one epilogue per block, downsample biases folded) and run as
+    three filters each give the reference logits."""
+    import mpsnn.kernels.convolution as kc
+    monkeypatch.setattr(kc, "FUSED_CUDNN_RELU", fused)
+    done: list[bool] = []
+    fuse = m.MPSNNGraph._fuse
+    monkeypatch.setattr(m.MPSNNGraph, "_fuse", lambda self, *a: done.append(fuse(self, *a)) or done[-1])
+    x = torch.randn(2, 64, 64, 3, generator=torch.Generator().manual_seed(9))
+    g = build_resnet50(device, STATE, size=64, num_classes=10, graph_format=m.MPSImageFeatureChannelFormat.float32)
+    got, want = run(device, g, x), reference(x.permute(0, 3, 1, 2).double(), STATE)
+    assert done == ([True] * sum(BLOCKS) if fused else [])
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-5

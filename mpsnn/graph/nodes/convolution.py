@@ -7,9 +7,12 @@ updates the weights according to the node's ``training_style``:
 
 * ``updateDeviceGPU`` (default): ``data_source.update(cb, gradient_state, source_state)`` is
   called on the same command buffer, ``source_state`` holding the weights the convolution used
-  (a copy, :meth:`~mpsnn.MPSCNNConvolution.export_weights_and_biases`). A returned
-  :class:`~mpsnn.MPSCNNConvolutionWeightsAndBiasesState` is loaded into the graph's
-  convolution and its gradient kernel on the device; None means "no update". A data source
+  (a snapshot, as :meth:`~mpsnn.MPSCNNConvolution.export_weights_and_biases` makes, but
+  copied on write: only a state the data source keeps past the reload is ever copied). A
+  returned :class:`~mpsnn.MPSCNNConvolutionWeightsAndBiasesState` is loaded into the graph's
+  convolution and its gradient kernel on the device (the gradient kernel then reads the
+  forward kernel's copy, see ``_ConvolutionWeights`` in ``mpsnn.kernels.convolution``);
+  None means "no update". A data source
   that does not implement ``update`` is refused when the graph is built **[bin]**.
 * ``updateDeviceCPU``: ``data_source.update_with_gradient_state(gradient_state, source_state)``
   runs in the command buffer's completion handler; when it returns True both kernels reload
@@ -244,15 +247,23 @@ class MPSCNNConvolutionGradientNode(MPSNNGradientFilterNode, MPSNNTrainableNode)
         style = self._training_style
         if style == MPSNNTrainingStyle.updateDeviceNone:
             return img, []
-        source_state = (fwd if fwd is not None else kernel).export_weights_and_biases(cb)
+        # the current weights without a copy: a snapshot by copy on write, copied only if the
+        # data source keeps the state past the reload below (_ConvolutionWeights._export_shared)
+        source_state = (fwd if fwd is not None else kernel)._export_shared(cb)
         targets = [k for k in (fwd, kernel) if k is not None]
         if style == MPSNNTrainingStyle.updateDeviceGPU:
             new = self._weights.update(cb, gstate, source_state)
+            del source_state
             if new is not None:
                 if new.is_temporary:
                     new.read_count = new.read_count + len(targets) - 1
                 for k in targets:
-                    k.reload_weights_and_biases_with_command_buffer(cb, new)
+                    if k is kernel and fwd is not None and kernel._borrow_master(fwd):
+                        # the forward kernel was just reloaded from `new`: the gradient kernel
+                        # reads that master instead of a second copy of the same weights
+                        new.consume_read()
+                    else:
+                        k.reload_weights_and_biases_with_command_buffer(cb, new)
         else:
             ds = self._weights
 
