@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..backends import arithmetic as backend
+from ..backends import dispatch
 from ..backends.arithmetic import FLT_MAX, ArithmeticParams, AxisMap
 from ..core.binary_kernel import MPSCNNBinaryKernel, MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
@@ -356,6 +357,17 @@ class MPSCNNArithmetic(MPSCNNBinaryKernel):
             _ONE_PASS[p.operation](x, y, out=out)
             write_result(dest, region, out)
             return
+        if training and tuple(x.shape) == tuple(y.shape) == shape and p.operation in ("add", "subtract", "multiply", "divide"):
+            tri = dispatch.triton_engine("arithmetic", x, y)
+            out = direct_out(dest, region, shape)
+            if tri is not None and x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous() and (out is None or out.is_contiguous()):
+                # the result and the gradient state's clamp mask in one pass (backends/triton/arithmetic.py)
+                res = out if out is not None and out.dtype == x.dtype else torch.empty(shape, dtype=x.dtype, device=x.device)
+                mask = tri.forward_with_mask(x, y, res, p.operation, p.primary_scale, p.secondary_scale, p.bias,
+                                             p.minimum_value, p.maximum_value)
+                state._region, state._mask = region, mask  # type: ignore[union-attr]
+                write_result(dest, region, res)
+                return
         out, mask = backend.arithmetic_forward(x, y, p, with_mask=training)
         if training:
             state._region, state._mask = region, mask  # type: ignore[union-attr]
@@ -643,7 +655,15 @@ class MPSCNNArithmeticGradient(MPSCNNGradientKernel):
             x_map = AxisMap(target.offset.x + (fr.x0 - target.clip_rect.origin.x) * target.stride_in_pixels_x, target.stride_in_pixels_x, width, clamp)
             y_map = AxisMap(target.offset.y + (fr.y0 - target.clip_rect.origin.y) * target.stride_in_pixels_y, target.stride_in_pixels_y, height, clamp)
             c_map = AxisMap(0, self._target_c_stride, cw)
-            full = backend.arithmetic_gradient(g, st._mask, z, self._p_scale, self._s_scale, self._bias, y_map, x_map, c_map)
+            mask = st._mask
+            if (z is None and self._p_scale == 1.0 and self._bias == 0.0 and g.dtype == dest.dtype and g.dtype != torch.float64
+                    and (x_map.start, x_map.stride, x_map.size, y_map.start, y_map.stride, y_map.size, c_map.stride) == (0, 1, g.shape[2], 0, 1, g.shape[1], 1)
+                    and (n, cw) == (g.shape[0], g.shape[3]) and (mask is None or tuple(mask.shape) == tuple(g.shape))):
+                # add / subtract with unit scale: the gradient is g where the forward did not
+                # clamp, copied in g's own dtype in one pass (no arithmetic, so no rounding)
+                full = g.clone(memory_format=torch.contiguous_format) if mask is None else torch.where(mask, g, g.new_zeros(()))
+            else:
+                full = backend.arithmetic_gradient(g, mask, z, self._p_scale, self._s_scale, self._bias, y_map, x_map, c_map)
         write_result(dest, region, full[region.n0:region.n0 + region.count, region.y0:region.y0 + region.height,
                                         region.x0:region.x0 + region.width])
 

@@ -1,4 +1,4 @@
-"""pytest plugin: run the Triton engines of batch normalization, the optimizers, pooling,
+"""pytest plugin: run the Triton engines of arithmetic, batch normalization, the optimizers, pooling,
 softmax and upsampling on CPU tensors through Triton's interpreter, so that the public kernels' engine paths (and the families'
 tests written for them) run on a machine without a GPU.
 
@@ -63,7 +63,7 @@ def _patch_interpreter() -> None:
 
 _patch_interpreter()
 
-_ENGINES = {"batch_norm", "optimizers", "pooling", "softmax", "upsampling"}
+_ENGINES = {"arithmetic", "batch_norm", "optimizers", "pooling", "softmax", "upsampling"}
 
 
 def _engine(name: str, *tensors: torch.Tensor):  # type: ignore[no-untyped-def]
