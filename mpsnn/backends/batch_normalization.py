@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.enums import MPSCNNNeuronType
 from . import dispatch
 from .torch_eager import NeuronParams
 
@@ -44,13 +45,16 @@ def _engine(*tensors: torch.Tensor):  # type: ignore[no-untyped-def]
 def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor, gamma: torch.Tensor,  # type: ignore[no-untyped-def]
                      epsilon: float, totals: tuple[torch.Tensor, torch.Tensor, int] | None, need_dx: bool,
                      constant_statistics: bool, out_dtype: torch.dtype | None = None,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """:func:`batch_norm_gradient_nhwc` without a fused neuron on the Triton engine: one read of
-    ``dy`` and ``x`` for the sums (dβ = Σ dy, dγ = rstd·Σ dy·(x − mean)), one more of both for
-    ``dx`` (float32)."""
+                     out: torch.Tensor | None = None, relu: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm_gradient_nhwc` without a fused neuron, or with a fused ReLU
+    (``relu`` = ``(γ, β, a)``), on the Triton engine: one read of ``dy`` and ``x`` for the sums
+    (dβ = Σ G, dγ = rstd·Σ G·(x − mean), ``G = dy·f'(z)``), one more of both for ``dx``
+    (float32)."""
     mean = mean.float()
+    rr = None if relu is None else (torch.rsqrt(variance.float() + epsilon), relu[0], relu[1], relu[2])
     if totals is None:
-        dgamma, dbeta = tri.gradient_totals(dy, x, mean, variance, epsilon)
+        dgamma, dbeta = tri.gradient_totals(dy, x, mean, variance, epsilon, rr)
         n = x.numel() // x.shape[-1]
     else:
         dgamma, dbeta, n = totals[0].float(), totals[1].float(), totals[2]
@@ -62,7 +66,7 @@ def _engine_gradient(tri, dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     if constant_statistics:
         tri.apply(dy, dx, k, torch.zeros_like(k))
     else:
-        tri.gradient_data(dy, x, dx, mean, k, dbeta / n, rstd * dgamma / n)
+        tri.gradient_data(dy, x, dx, mean, k, dbeta / n, rstd * dgamma / n, rr)
     return dx, dgamma, dbeta
 
 
@@ -157,9 +161,15 @@ def batch_norm_gradient_nhwc(
     ``dgamma`` and ``dbeta`` ``[C]``.
     """
     dt = _compute_dtype(dy, x)
-    tri = _engine(dy, x) if neuron is None and dy.shape == x.shape and x.numel() > 0 else None
+    # the engine takes no neuron, or a fused ReLU (any slope) with batch statistics
+    relu = (neuron is not None and neuron.neuron_type == MPSCNNNeuronType.reLU and neuron.slopes is None and not constant_statistics)
+    tri = _engine(dy, x) if (neuron is None or relu) and dy.shape == x.shape and x.numel() > 0 else None
     if tri is not None:
-        return _engine_gradient(tri, dy, x, mean, variance, gamma, epsilon, totals, need_dx, constant_statistics, out_dtype, out)
+        rp = None
+        if relu:
+            assert neuron is not None
+            rp = (gamma.float(), torch.zeros_like(gamma, dtype=torch.float32) if beta is None else beta.float(), float(neuron.a))
+        return _engine_gradient(tri, dy, x, mean, variance, gamma, epsilon, totals, need_dx, constant_statistics, out_dtype, out, rp)
     xf = x.to(dt)
     inv_sigma = torch.rsqrt(variance.to(dt) + epsilon)
     xhat = (xf - mean.to(dt)) * inv_sigma

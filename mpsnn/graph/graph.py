@@ -38,6 +38,7 @@ import torch
 
 from ..backends.arithmetic import FLT_MAX as _FLT_MAX
 from ..core.device import Device, MTLCommandBuffer, as_device
+from ..core.enums import MPSCNNNeuronType as _NT
 from ..core.enums import MPSImageFeatureChannelFormat
 from ..core.errors import MPSError, MPSTypeError, MPSValueError, value_error
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
@@ -463,9 +464,11 @@ class MPSNNGraph:
         last = plan.last_reader()
         kept: dict[int, MPSImage] = {}
 
-        def run(step: PlannedStep, out: PlannedStep | None = None, epilogue: Any = None) -> None:
+        def run(step: PlannedStep, out: PlannedStep | None = None, epilogue: Any = None, sources: list[MPSImage] | None = None,
+                neuron: Any = None, extra_reads: int = 0) -> MPSImage:
             """Encode ``step``'s filter; its result is ``out``'s result image (``out``'s format,
-            read count and allocator: a fused tail's last step), default ``step``."""
+            read count and allocator: a fused tail's last step), default ``step``; ``sources``
+            replace the filter's source images; ``neuron`` is fused into its kernels."""
             node = step.node
             out = out or step
             rnode = out.node._result_image
@@ -475,13 +478,16 @@ class MPSNNGraph:
                 user = self._allocator if self._allocator is not MPSImage.default_allocator else None
             elif rnode.image_allocator is not MPSTemporaryImage.default_allocator:
                 user = rnode.image_allocator
-            alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, out.result_reads, user)
-            ctx = _EncodeContext(self, cb, alloc, out, index, self._kernels)
-            images = [values[id(n)] for n in node._source_images]
+            alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, out.result_reads + extra_reads, user)
+            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels)
+            images = sources if sources is not None else [values[id(n)] for n in node._source_images]
             states = [svalues[id(s)] for s in node._source_states]
             kernel = self._kernels[id(node)]
             if epilogue is not None:
                 kernel._epilogue = epilogue
+            fused_neuron = [k for k in kernel if hasattr(k, "_set_fused_neuron")] if neuron is not None else []
+            for k in fused_neuron:
+                k._set_fused_neuron(neuron)
             try:
                 img, out_states = node._encode(ctx, kernel, images, states)
             except MPSError as e:
@@ -489,6 +495,8 @@ class MPSNNGraph:
             finally:
                 if epilogue is not None:
                     kernel._epilogue = None
+                for k in fused_neuron:
+                    k._set_fused_neuron(None)
             if isinstance(img, MPSTemporaryImage) and out.result_reads == 0 and not out.keep_result:
                 img.read_count = 0
             values[id(rnode)] = img
@@ -496,18 +504,50 @@ class MPSNNGraph:
                 kept[id(rnode)] = img
             for sn, st in zip(node._result_states or [], out_states):
                 svalues[id(sn)] = st
+            return img
 
         roles: dict[int, tuple[str, Any]] = {}
-        fusable: dict[int, bool] = {}
+        fusable: dict[int, Any] = {}
         for f in plan.fusions:
             roles[f.conv.index], roles[f.add.index], roles[f.relu.index] = ("conv", f), ("add", f), ("relu", f)
             if f.fold is not None:
                 roles[f.fold.index] = ("fold", f)
+        for nf in plan.norm_relu:
+            for what, st in (("norm", nf.norm), ("relu", nf.relu), ("relu_gradient", nf.relu_gradient), ("norm_gradient", nf.norm_gradient)):
+                roles[st.index] = (what, nf)
+        for sg in plan.shared_gradients:
+            roles[sg.first.index], roles[sg.second.index] = ("first", sg), ("second", sg)
         fused: set[int] = set()
         for step in plan.steps:
             role = roles.get(step.index)
             if role is None:
                 run(step)
+            elif role[0] in ("first", "second"):
+                what, sg = role
+                if what == "first":
+                    share = fusable[id(sg)] = self._shareable(sg, values)
+                    img = run(step, extra_reads=sg.second.result_reads if share else 0)
+                    if share:
+                        values[id(sg.second.node._result_image)] = img
+                elif fusable.get(id(sg)):
+                    # the second filter's reads, done by the first one's image
+                    from ..core.kernel import _consume
+                    _consume([values[id(n)] for n in step.node._source_images] + [svalues[id(n)] for n in step.node._source_states])
+                else:
+                    run(step)
+            elif role[0] in ("norm", "relu", "relu_gradient", "norm_gradient"):
+                what, nf = role
+                desc = fusable.get(id(nf))
+                if desc is None:
+                    desc = fusable[id(nf)] = self._norm_relu_neuron(nf)
+                if not desc:
+                    run(step)
+                elif what == "norm":
+                    run(step, out=nf.relu, neuron=desc)
+                elif what == "norm_gradient":
+                    run(step, sources=[values[id(nf.relu_gradient.node._source_images[0])], values[id(step.node._source_images[1])]],
+                        neuron=desc)
+                # else: a fused ReLU step, nothing to run
             else:
                 what, f = role
                 ok = fusable.get(id(f))
@@ -571,7 +611,42 @@ class MPSNNGraph:
                       and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0)
         return bool(plain_add and plain_relu)
 
-    def _fuse(self, f: Any, cb: MTLCommandBuffer, values: dict[int, MPSImage], run: Callable[..., None]) -> bool:
+    def _shareable(self, sg: Any, values: dict[int, MPSImage]) -> bool:
+        """Whether the second addition gradient of ``sg`` (:class:`~mpsnn.graph.plan.SharedGradient`)
+        may take the first one's image this encode: both filters have unit primary scale, no
+        bias and unit secondary strides, the forward addition read both operands at the
+        destination's pixels (no offsets, strides or channel offsets), and both operands
+        have the incoming gradient's shape."""
+        from ..core.structs import MPSOffset, MPSRectNoClip
+        fwd = self._kernels.get(id(sg.first.node.forward_node))
+        if fwd is None or not (list(fwd._p_stride) == [1, 1] and list(fwd._s_stride) == [1, 1] and fwd._p_c_stride == 1 and fwd._s_c_stride == 1
+                               and fwd._p_offset == MPSOffset() and fwd._s_offset == MPSOffset() and fwd._clip_rect == MPSRectNoClip
+                               and fwd._dst_c_off == 0 and fwd._p_c_off == 0 and fwd._s_c_off == 0):
+            return False
+        for st in (sg.first, sg.second):
+            n = st.node
+            if not (n.primary_scale == 1.0 and n.bias == 0.0 and (n.secondary_stride_in_pixels_x, n.secondary_stride_in_pixels_y,
+                                                                    n.secondary_stride_in_feature_channels) == (1, 1, 1)):
+                return False
+        g = values[id(sg.first.node._source_images[0])]
+        return all(values[id(st.node._source_images[1])].shape == g.shape for st in (sg.first, sg.second))
+
+    def _norm_relu_neuron(self, f: Any) -> Any:
+        """The ReLU's descriptor when this encode may fuse the batch-norm -> ReLU pair ``f``
+        (:class:`~mpsnn.graph.plan.NormReluFusion`), else False: the batch-norm kernels have no
+        fused neuron of their own, the ReLU kernels have their default geometry."""
+        from ..core.structs import MPSOffset, MPSRectNoClip
+        from ..kernels.neuron import MPSNNNeuronDescriptor
+        k = self._kernels
+        bn, relu, grads = k[id(f.norm.node)], k[id(f.relu.node)], k[id(f.norm_gradient.node)]
+        if any(getattr(kk, "fused_neuron_descriptor", None) is not None for kk in (*bn, *grads)):
+            return False
+        if not (relu._offset == MPSOffset() and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0
+                and relu.neuron_type == _NT.reLU):
+            return False
+        return MPSNNNeuronDescriptor.cnn_neuron_descriptor(_NT.reLU, relu.a)
+
+    def _fuse(self, f: Any, cb: MTLCommandBuffer, values: dict[int, MPSImage], run: Callable[..., Any]) -> bool:
         """Run the tail ``f`` as ``relu(conv(x) + bias + other)`` (one cuDNN call on CUDA); False
         (nothing encoded) when the convolution's result would not have ``other``'s shape."""
         from ..core.kernel import _consume

@@ -97,6 +97,71 @@ def find_residual_fusions(steps: list[PlannedStep]) -> list[ResidualFusion]:
 
 
 @dataclass
+class NormReluFusion:
+    """A batch normalization followed by a ReLU in a training graph, which the graph may run
+    as the batch-norm kernels with the ReLU fused (mpsnn graph fusion): forward ``norm`` ->
+    ``relu``, backward ``relu_gradient`` -> ``norm_gradient``, where the normalization's result
+    is read only by the ReLU and its gradient, and the ReLU gradient's result only by the
+    normalization's gradient. The normalization then writes the ReLU's result, the gradient
+    kernels read the ReLU gradient's incoming gradient (and recompute the pre-activation from
+    the normalization's source), and the two ReLU steps do not run. Whether the kernels allow
+    it (no fused neuron of their own, a plain ReLU with default geometry) is checked per
+    encode."""
+
+    norm: "PlannedStep"
+    relu: "PlannedStep"
+    relu_gradient: "PlannedStep"
+    norm_gradient: "PlannedStep"
+
+
+def find_norm_relu_fusions(steps: list[PlannedStep]) -> list[NormReluFusion]:
+    """Every batch-norm -> ReLU pair of a training plan (see :class:`NormReluFusion`)."""
+    from .nodes.neuron import MPSCNNNeuronGradientNode, MPSCNNNeuronReLUNode
+    from .nodes.normalization import MPSCNNBatchNormalizationGradientNode, MPSCNNBatchNormalizationNode
+
+    out: list[NormReluFusion] = []
+    for b in steps:
+        if type(b.node) is not MPSCNNBatchNormalizationNode or b.result_reads != 2 or b.keep_result:
+            continue
+        readers = [steps[i] for i in b.readers]
+        relu = [r for r in readers if type(r.node) is MPSCNNNeuronReLUNode]
+        rg = [r for r in readers if type(r.node) is MPSCNNNeuronGradientNode and r.node.forward_node is (relu[0].node if relu else None)]
+        if len(relu) != 1 or len(rg) != 1 or rg[0].node._source_images[1] is not b.node._result_image or not _private(rg[0]):
+            continue
+        bg = steps[rg[0].readers[0]]
+        if (type(bg.node) is not MPSCNNBatchNormalizationGradientNode or bg.node.forward_node is not b.node
+                or bg.node._source_images[0] is not rg[0].node._result_image or rg[0].node._source_images[0] is b.node._result_image):
+            continue
+        out.append(NormReluFusion(b, relu[0], rg[0], bg))
+    return out
+
+
+@dataclass
+class SharedGradient:
+    """The two gradient filters of one addition in a training graph (mpsnn graph fusion):
+    with unit scales, no bias and no broadcasting both compute the same image (the incoming
+    gradient where the forward did not clamp), so ``second`` takes ``first``'s result (the
+    image gets both filters' readers) instead of computing it again. Checked per encode."""
+
+    first: "PlannedStep"
+    second: "PlannedStep"
+
+
+def find_shared_gradients(steps: list[PlannedStep]) -> list[SharedGradient]:
+    """Every pair of addition gradients of one forward addition, reading one incoming gradient
+    and one state, neither result kept (see :class:`SharedGradient`)."""
+    from .nodes.arithmetic import MPSNNAdditionGradientNode
+
+    groups: dict[tuple[int, int, int], list[PlannedStep]] = {}
+    for st in steps:
+        n = st.node
+        if type(n) is MPSNNAdditionGradientNode and n.forward_node is not None and not st.keep_result and len(n._source_states) == 1:
+            groups.setdefault((id(n.forward_node), id(n._source_images[0]), id(n._source_states[0])), []).append(st)
+    return [SharedGradient(g[0], g[1]) for g in groups.values()
+            if len(g) == 2 and g[0].node.is_secondary_source_filter != g[1].node.is_secondary_source_filter]  # type: ignore[attr-defined]
+
+
+@dataclass
 class GraphPlan:
     steps: list[PlannedStep]
     source_images: list[MPSNNImageNode]
@@ -112,6 +177,10 @@ class GraphPlan:
     _last_reader: dict[int, int] = field(default_factory=dict)
     #: conv -> add -> ReLU tails the graph may fuse (:func:`find_residual_fusions`)
     fusions: list[ResidualFusion] = field(default_factory=list)
+    #: batch-norm -> ReLU pairs of a training graph the graph may fuse (:func:`find_norm_relu_fusions`)
+    norm_relu: list[NormReluFusion] = field(default_factory=list)
+    #: addition gradient pairs computing one image (:func:`find_shared_gradients`)
+    shared_gradients: list[SharedGradient] = field(default_factory=list)
 
     def last_reader(self) -> dict[int, int]:
         """id(image node) -> index of the last step reading it (lifetime end)."""
@@ -249,6 +318,12 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
         # a fused convolution runs at its addition's place: its sources live until then
         for src in f.conv.node._source_images:
             last[id(src)] = max(last.get(id(src), -1), f.add.index)
+    norm_relu = find_norm_relu_fusions(steps)
+    for nf in norm_relu:
+        # the normalization's gradient reads the ReLU gradient's incoming gradient instead
+        dy = nf.relu_gradient.node._source_images[0]
+        last[id(dy)] = max(last.get(id(dy), -1), nf.norm_gradient.index)
     return GraphPlan(steps, source_images, source_states,
                      [img_reads[id(i)] for i in source_images], [state_reads[id(s)] for s in source_states],
-                     list(results), list(results_needed), intermediates, result_states, last, fusions)
+                     list(results), list(results_needed), intermediates, result_states, last, fusions, norm_relu,
+                     find_shared_gradients(steps))

@@ -54,14 +54,32 @@ if triton is not None:
         tl.store(y_ptr + r[:, None] * ys + c[None, :], z.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _sums_kernel(x_ptr, g_ptr, k_ptr, part_ptr, M, C, xs, gs,
-                     ITERS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    def _relu_vectors(rstd_ptr, gamma_ptr, beta_ptr, c, cm):
+        """``(rstd, γ, β)`` of channels ``c`` as ``[1, BC]`` rows (loaded once per program)."""
+        rs = tl.load(rstd_ptr + c, mask=cm, other=0.0)[None, :]
+        ga = tl.load(gamma_ptr + c, mask=cm, other=0.0)[None, :]
+        be = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
+        return rs, ga, be
+
+    @triton.jit
+    def _relu_gradient(g, d, rs, ga, be, slope):
+        """``g·f'(z)`` of a fused ReLU (slope ``a`` below 0) at the pre-activation
+        ``z = (d·rstd)·γ + β``, ``d = x − mean``: the torch engine's order of operations."""
+        z = (d * rs) * ga + be
+        return tl.where(z >= 0, g, g * slope)
+
+    @triton.jit
+    def _sums_kernel(x_ptr, g_ptr, k_ptr, part_ptr, M, C, xs, gs, rstd_ptr, gamma_ptr, beta_ptr, slope,
+                     ITERS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, RELU: tl.constexpr):
         """Band ``program_id(1)``: ``S1 = Σ g``, ``S2 = Σ g·(x−k)`` of channels
-        ``program_id(0)·BC + [0, BC)`` into ``part[band, 0:2, C]``."""
+        ``program_id(0)·BC + [0, BC)`` into ``part[band, 0:2, C]``; with ``RELU`` (``k`` is then
+        the mean) ``g`` is first multiplied by a fused ReLU's derivative (:func:`_relu_gradient`)."""
         c = tl.program_id(0) * BC + tl.arange(0, BC)
         band = tl.program_id(1)
         cm = c < C
         kv = tl.load(k_ptr + c, mask=cm, other=0.0)[None, :]
+        if RELU:
+            rs, ga, be = _relu_vectors(rstd_ptr, gamma_ptr, beta_ptr, c, cm)
         m0 = band * (ITERS * BR)
         s1 = tl.zeros([BR, BC], tl.float32)
         s2 = tl.zeros([BR, BC], tl.float32)
@@ -71,6 +89,8 @@ if triton is not None:
             r64 = rows.to(tl.int64)[:, None]
             d = tl.where(mask, tl.load(x_ptr + r64 * xs + c[None, :], mask=mask, other=0.0).to(tl.float32) - kv, 0.0)
             g = tl.load(g_ptr + r64 * gs + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if RELU:
+                g = _relu_gradient(g, d, rs, ga, be, slope)
             s1 += g
             s2 += g * d
         base = part_ptr + band.to(tl.int64) * 2 * C
@@ -137,12 +157,15 @@ if triton is not None:
         tl.store(out2_ptr + c, s1, mask=cm)
 
     @triton.jit
-    def _data_gradient_kernel(g_ptr, x_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, M, C, gs, xs, os,
-                              BR: tl.constexpr, BC: tl.constexpr):
+    def _data_gradient_kernel(g_ptr, x_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, d_ptr, M, C, gs, xs, os, rstd_ptr, gamma_ptr, beta_ptr,
+                              slope, BR: tl.constexpr, BC: tl.constexpr, RELU: tl.constexpr):
         r, c, m, cm = _tile(M, C, BR, BC)
         g = tl.load(g_ptr + r[:, None] * gs + c[None, :], mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + r[:, None] * xs + c[None, :], mask=m, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
+        if RELU:
+            rs, ga, be = _relu_vectors(rstd_ptr, gamma_ptr, beta_ptr, c, cm)
+            g = _relu_gradient(g, x - mu, rs, ga, be, slope)
         av = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
         bv = tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
         dv = tl.load(d_ptr + c, mask=cm, other=0.0)[None, :]
@@ -205,11 +228,20 @@ def _bands(x: torch.Tensor, m: int, c: int, bc_max: int, tile: int, per_sm: int)
     return bc, br, col_blocks, max(1, min(triton.cdiv(m, br), (per_sm * sms + col_blocks - 1) // col_blocks))
 
 
+def _relu_args(relu: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None", x: torch.Tensor, mean: torch.Tensor) -> tuple:
+    """The kernels' fused-ReLU arguments ``(rstd, γ, β, a)`` (float32 ``[C]`` vectors), or
+    placeholders without one."""
+    if relu is None:
+        return mean, mean, mean, 0.0
+    rstd, gamma, beta, a = relu
+    return _vec(rstd, x), _vec(gamma, x), _vec(beta, x), float(a)
+
+
 def _band_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | None = None,
-               eps: float = 0.0) -> torch.Tensor:
+               eps: float = 0.0, relu: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None" = None) -> torch.Tensor:
     """``[2, C]`` float32: ``(Σ g, Σ g·(x − mean))`` of :func:`_sums_kernel`, summed over the
     bands; with ``variance`` the statistics gradient ``(dγ, dβ)`` of :func:`_finish_kernel`
-    instead."""
+    instead; ``relu`` ``(rstd, γ, β, a)``: ``g`` times a fused ReLU's derivative."""
     cfg = SUMS_CONFIG
     m, c, strides = _rows(x, g)
     bc, br, col_blocks, bands = _bands(x, m, c, cfg["bc"], cfg["tile"], cfg["per_sm"])
@@ -217,8 +249,8 @@ def _band_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: t
     iters = min(cfg["iters"], triton.next_power_of_2(triton.cdiv(m, bands * br)))
     bands = max(1, triton.cdiv(m, iters * br))
     part = torch.empty((bands, 2, c), dtype=torch.float32, device=x.device)
-    _sums_kernel[(col_blocks, bands)](x, g, mean, part, m, c, strides[0], strides[1], ITERS=iters, BR=br, BC=bc,
-                                      num_warps=cfg["warps"])
+    _sums_kernel[(col_blocks, bands)](x, g, mean, part, m, c, strides[0], strides[1], *_relu_args(relu, x, mean), ITERS=iters, BR=br,
+                                      BC=bc, RELU=relu is not None, num_warps=cfg["warps"])
     if variance is None:
         return part.sum(0)
     if bands > _FINISH_BANDS:
@@ -275,20 +307,25 @@ def gradient_sums(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple
 
 
 def gradient_totals(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, relu: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel ``(dγ, dβ) = (rsqrt(variance + eps)·Σ g·(x − mean), Σ g)``, float32 ``[C]``:
-    the statistics gradient in one pass over ``g`` and ``x`` and one small finishing launch."""
-    s = _band_sums(g, x, _vec(mean, x), _vec(variance, x), eps)
+    the statistics gradient in one pass over ``g`` and ``x`` and one small finishing launch.
+    ``relu`` ``(rstd, γ, β, a)``: ``g`` is first multiplied by a fused ReLU's derivative at
+    ``(x − mean)·rstd·γ + β`` (``1`` where that is >= 0, else ``a``)."""
+    s = _band_sums(g, x, _vec(mean, x), _vec(variance, x), eps, relu)
     return s[0], s[1]
 
 
 def gradient_data(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  d: torch.Tensor) -> None:
+                  d: torch.Tensor, relu: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None" = None) -> None:
     """``out = a·(g − b − (x − mean)·d)`` per channel (all vectors float32 ``[C]``); for the
-    training-mode data gradient ``a = γ·rstd``, ``b = Σg / M``, ``d = rstd²·Σ g·(x − mean) / M``."""
+    training-mode data gradient ``a = γ·rstd``, ``b = Σg / M``, ``d = rstd²·Σ g·(x − mean) / M``;
+    ``relu`` as in :func:`gradient_totals`."""
     m, c, (gs, xs, os) = _rows(g, x, out)
     if m == 0 or c == 0:
         return
     br, bc = _tiles(c)
+    mv = _vec(mean, x)
     _data_gradient_kernel[(triton.cdiv(m, br), triton.cdiv(c, bc))](
-        g, x, out, _vec(mean, x), _vec(a, x), _vec(b, x), _vec(d, x), m, c, gs, xs, os, BR=br, BC=bc, num_warps=8)
+        g, x, out, mv, _vec(a, x), _vec(b, x), _vec(d, x), m, c, gs, xs, os, *_relu_args(relu, x, mv), BR=br, BC=bc,
+        RELU=relu is not None, num_warps=8)
