@@ -517,22 +517,49 @@ class MPSNNGraph:
                 roles[st.index] = (what, nf)
         for sg in plan.shared_gradients:
             roles[sg.first.index], roles[sg.second.index] = ("first", sg), ("second", sg)
+        add_relu: dict[int, Any] = {}                    # id(shared pair) -> its add+ReLU fusion, when fused this encode
+        for af in plan.add_relu:
+            roles[af.add.index], roles[af.relu.index], roles[af.relu_gradient.index] = ("add_relu", af), ("fused", af), ("fused", af)
         fused: set[int] = set()
         for step in plan.steps:
             role = roles.get(step.index)
             if role is None:
                 run(step)
+            elif role[0] == "add_relu":
+                af = role[1]
+                ok = fusable[id(af)] = self._add_relu_ok(af, values)
+                if ok:
+                    fusable[id(af.gradients)] = True
+                    add_relu[id(af.gradients)] = af
+                    kernel = self._kernels[id(step.node)]
+                    kernel._fused_relu = True
+                    try:
+                        run(step, out=af.relu)
+                    finally:
+                        kernel._fused_relu = False
+                else:
+                    run(step)
+            elif role[0] == "fused":
+                if not fusable.get(id(role[1])):
+                    run(step)
             elif role[0] in ("first", "second"):
                 what, sg = role
+                pair_fusion = add_relu.get(id(sg))
                 if what == "first":
-                    share = fusable[id(sg)] = self._shareable(sg, values)
-                    img = run(step, extra_reads=sg.second.result_reads if share else 0)
+                    share = fusable[id(sg)] if pair_fusion is not None else self._shareable(sg, values)
+                    fusable[id(sg)] = share
+                    sources = None
+                    if pair_fusion is not None:      # the pair reads what the ReLU gradient would have read
+                        sources = [values[id(pair_fusion.relu_gradient.node._source_images[0])], values[id(step.node._source_images[1])]]
+                    img = run(step, extra_reads=sg.second.result_reads if share else 0, sources=sources)
                     if share:
                         values[id(sg.second.node._result_image)] = img
                 elif fusable.get(id(sg)):
-                    # the second filter's reads, done by the first one's image
+                    # the second filter's reads, done by the first one's image (the incoming
+                    # gradient of a fused ReLU was read once, by the first)
                     from ..core.kernel import _consume
-                    _consume([values[id(n)] for n in step.node._source_images] + [svalues[id(n)] for n in step.node._source_states])
+                    srcs = step.node._source_images[1:] if pair_fusion is not None else step.node._source_images
+                    _consume([values[id(n)] for n in srcs] + [svalues[id(n)] for n in step.node._source_states])
                 else:
                     run(step)
             elif role[0] in ("norm", "relu", "relu_gradient", "norm_gradient"):
@@ -550,19 +577,19 @@ class MPSNNGraph:
                 # else: a fused ReLU step, nothing to run
             else:
                 what, f = role
-                ok = fusable.get(id(f))
-                if ok is None:
-                    ok = fusable[id(f)] = self._fusable(f)
+                tail_ok = fusable.get(id(f))
+                if tail_ok is None:
+                    tail_ok = fusable[id(f)] = self._fusable(f)
                 if what == "conv":
-                    if not ok:
+                    if not tail_ok:
                         run(step)                  # else deferred to the addition
                 elif what == "fold":
-                    run(step, epilogue=_conv_epilogue(None, None, False) if ok else None)
+                    run(step, epilogue=_conv_epilogue(None, None, False) if tail_ok else None)
                 elif what == "add":
-                    if ok and self._fuse(f, cb, values, run):
+                    if tail_ok and self._fuse(f, cb, values, run):
                         fused.add(id(f))
                     else:
-                        if ok:                     # the shapes ruled it out: run the parts after all
+                        if tail_ok:                # the shapes ruled it out: run the parts after all
                             run(f.conv)
                             if f.fold is not None:
                                 self._restore_fold_bias(f, values)
@@ -611,7 +638,20 @@ class MPSNNGraph:
                       and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0)
         return bool(plain_add and plain_relu)
 
-    def _shareable(self, sg: Any, values: dict[int, MPSImage]) -> bool:
+    def _add_relu_ok(self, af: Any, values: dict[int, MPSImage]) -> bool:
+        """Whether this encode may run the addition -> ReLU pair ``af``
+        (:class:`~mpsnn.graph.plan.AddReluFusion`) fused: the ReLU kernel has its default
+        geometry, and the addition's gradient pair may share one image (:meth:`_shareable`,
+        judged on the forward operands, which have the incoming gradient's shape)."""
+        from ..core.structs import MPSOffset, MPSRectNoClip
+        relu = self._kernels[id(af.relu.node)]
+        if not (relu.neuron_type == _NT.reLU and relu.a == 0.0 and relu._offset == MPSOffset() and relu._clip_rect == MPSRectNoClip
+                and relu._dst_c_off == 0 and relu._src_c_off == 0):
+            return False
+        a, b = (values[id(n)] for n in af.add.node._source_images)
+        return a.shape == b.shape and self._shareable(af.gradients, values, a.shape)
+
+    def _shareable(self, sg: Any, values: dict[int, MPSImage], shape: Any = None) -> bool:
         """Whether the second addition gradient of ``sg`` (:class:`~mpsnn.graph.plan.SharedGradient`)
         may take the first one's image this encode: both filters have unit primary scale, no
         bias and unit secondary strides, the forward addition read both operands at the
@@ -628,8 +668,9 @@ class MPSNNGraph:
             if not (n.primary_scale == 1.0 and n.bias == 0.0 and (n.secondary_stride_in_pixels_x, n.secondary_stride_in_pixels_y,
                                                                     n.secondary_stride_in_feature_channels) == (1, 1, 1)):
                 return False
-        g = values[id(sg.first.node._source_images[0])]
-        return all(values[id(st.node._source_images[1])].shape == g.shape for st in (sg.first, sg.second))
+        if shape is None:
+            shape = values[id(sg.first.node._source_images[0])].shape
+        return all(values[id(st.node._source_images[1])].shape == shape for st in (sg.first, sg.second))
 
     def _norm_relu_neuron(self, f: Any) -> Any:
         """The ReLU's descriptor when this encode may fuse the batch-norm -> ReLU pair ``f``

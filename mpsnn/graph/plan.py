@@ -162,6 +162,43 @@ def find_shared_gradients(steps: list[PlannedStep]) -> list[SharedGradient]:
 
 
 @dataclass
+class AddReluFusion:
+    """A residual addition followed by a ReLU (slope 0) in a training graph (mpsnn graph
+    fusion): the addition also applies the ReLU and folds its derivative into the gradient
+    state's mask, so the ReLU and its gradient filter do not run and the addition's gradient
+    pair (``gradients``, shared) reads the ReLU gradient's incoming gradient. The addition's
+    result is read only by the ReLU and its gradient, the ReLU gradient's only by the pair."""
+
+    add: "PlannedStep"
+    relu: "PlannedStep"
+    relu_gradient: "PlannedStep"
+    gradients: SharedGradient
+
+
+def find_add_relu_fusions(steps: list[PlannedStep], shared: list[SharedGradient]) -> list[AddReluFusion]:
+    """Every addition -> ReLU pair of a training plan (see :class:`AddReluFusion`)."""
+    from .nodes.arithmetic import MPSNNAdditionNode
+    from .nodes.neuron import MPSCNNNeuronGradientNode, MPSCNNNeuronReLUNode
+
+    by_forward = {id(sg.first.node.forward_node): sg for sg in shared}  # type: ignore[attr-defined]
+    out: list[AddReluFusion] = []
+    for a in steps:
+        sg = by_forward.get(id(a.node))
+        if type(a.node) is not MPSNNAdditionNode or sg is None or a.result_reads != 2 or a.keep_result:
+            continue
+        readers = [steps[i] for i in a.readers]
+        relu = [r for r in readers if type(r.node) is MPSCNNNeuronReLUNode and r.node.a == 0.0]  # type: ignore[attr-defined]
+        rg = [r for r in readers if type(r.node) is MPSCNNNeuronGradientNode and relu and r.node.forward_node is relu[0].node]
+        if len(relu) != 1 or len(rg) != 1 or rg[0].node._source_images[1] is not a.node._result_image or rg[0].keep_result:
+            continue
+        g = rg[0].node._result_image
+        if sorted(rg[0].readers) != sorted([sg.first.index, sg.second.index]) or any(st.node._source_images[0] is not g for st in (sg.first, sg.second)):
+            continue
+        out.append(AddReluFusion(a, relu[0], rg[0], sg))
+    return out
+
+
+@dataclass
 class GraphPlan:
     steps: list[PlannedStep]
     source_images: list[MPSNNImageNode]
@@ -181,6 +218,8 @@ class GraphPlan:
     norm_relu: list[NormReluFusion] = field(default_factory=list)
     #: addition gradient pairs computing one image (:func:`find_shared_gradients`)
     shared_gradients: list[SharedGradient] = field(default_factory=list)
+    #: addition -> ReLU pairs of a training graph the graph may fuse (:func:`find_add_relu_fusions`)
+    add_relu: list[AddReluFusion] = field(default_factory=list)
 
     def last_reader(self) -> dict[int, int]:
         """id(image node) -> index of the last step reading it (lifetime end)."""
@@ -323,7 +362,12 @@ def make_plan(results: Sequence[MPSNNImageNode], results_needed: Sequence[bool])
         # the normalization's gradient reads the ReLU gradient's incoming gradient instead
         dy = nf.relu_gradient.node._source_images[0]
         last[id(dy)] = max(last.get(id(dy), -1), nf.norm_gradient.index)
+    shared = find_shared_gradients(steps)
+    add_relu = find_add_relu_fusions(steps, shared)
+    for af in add_relu:
+        # the addition's gradient pair reads the ReLU gradient's incoming gradient instead
+        dy = af.relu_gradient.node._source_images[0]
+        last[id(dy)] = max(last.get(id(dy), -1), af.gradients.first.index, af.gradients.second.index)
     return GraphPlan(steps, source_images, source_states,
                      [img_reads[id(i)] for i in source_images], [state_reads[id(s)] for s in source_states],
-                     list(results), list(results_needed), intermediates, result_states, last, fusions, norm_relu,
-                     find_shared_gradients(steps))
+                     list(results), list(results_needed), intermediates, result_states, last, fusions, norm_relu, shared, add_relu)

@@ -329,6 +329,9 @@ class MPSCNNArithmetic(MPSCNNBinaryKernel):
         return super().encode(command_buffer, primary_image, secondary_image, destination_image,
                               destination_state=destination_state, destination_state_is_temporary=destination_state_is_temporary)
 
+    #: a graph's fused ReLU for the current training encode (mpsnn graph fusion, see MPSNNGraph)
+    _fused_relu = False
+
     def _encode_checked(self, cb: MTLCommandBuffer, prim: MPSImage, sec: MPSImage, dest: Any, state: MPSState | None) -> None:
         if self._operation != "compare" and self._min > self._max:
             raise value_error(self._name(), "minimum_value", self._min, f"be <= maximum_value={self._max}")
@@ -357,18 +360,27 @@ class MPSCNNArithmetic(MPSCNNBinaryKernel):
             _ONE_PASS[p.operation](x, y, out=out)
             write_result(dest, region, out)
             return
+        relu = self._fused_relu
+        if relu and not (training and dest.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            raise MPSValueError(f"{self._name()}: a graph's fused ReLU needs the training form and a float destination")
         if training and tuple(x.shape) == tuple(y.shape) == shape and p.operation in ("add", "subtract", "multiply", "divide"):
             tri = dispatch.triton_engine("arithmetic", x, y)
             out = direct_out(dest, region, shape)
-            if tri is not None and x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous() and (out is None or out.is_contiguous()):
+            if (tri is not None and x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous() and (out is None or out.is_contiguous())
+                    and (not relu or x.dtype == dest.dtype)):
                 # the result and the gradient state's clamp mask in one pass (backends/triton/arithmetic.py)
                 res = out if out is not None and out.dtype == x.dtype else torch.empty(shape, dtype=x.dtype, device=x.device)
                 mask = tri.forward_with_mask(x, y, res, p.operation, p.primary_scale, p.secondary_scale, p.bias,
-                                             p.minimum_value, p.maximum_value)
+                                             p.minimum_value, p.maximum_value, relu)
                 state._region, state._mask = region, mask  # type: ignore[union-attr]
                 write_result(dest, region, res)
                 return
         out, mask = backend.arithmetic_forward(x, y, p, with_mask=training)
+        if relu:
+            # the graph's fused ReLU (slope 0): on the stored value, its derivative into the mask
+            s = (out if tuple(out.shape) == shape else out.expand(shape)).to(dest.dtype).to(out.dtype)
+            pos = s >= 0
+            out, mask = torch.where(pos, s, s * 0.0), pos if mask is None else mask & pos
         if training:
             state._region, state._mask = region, mask  # type: ignore[union-attr]
         write_result(dest, region, out if tuple(out.shape) == shape else out.expand(shape))
@@ -661,7 +673,12 @@ class MPSCNNArithmeticGradient(MPSCNNGradientKernel):
                     and (n, cw) == (g.shape[0], g.shape[3]) and (mask is None or tuple(mask.shape) == tuple(g.shape))):
                 # add / subtract with unit scale: the gradient is g where the forward did not
                 # clamp, copied in g's own dtype in one pass (no arithmetic, so no rounding)
-                full = g.clone(memory_format=torch.contiguous_format) if mask is None else torch.where(mask, g, g.new_zeros(()))
+                tri = dispatch.triton_engine("arithmetic", g) if mask is not None else None
+                if tri is not None and g.is_contiguous() and mask.is_contiguous() and mask.dtype == torch.bool:  # type: ignore[union-attr]
+                    full = torch.empty_like(g, memory_format=torch.contiguous_format)
+                    tri.masked_copy(g, mask, full)
+                else:
+                    full = g.clone(memory_format=torch.contiguous_format) if mask is None else torch.where(mask, g, g.new_zeros(()))
             else:
                 full = backend.arithmetic_gradient(g, mask, z, self._p_scale, self._s_scale, self._bias, y_map, x_map, c_map)
         write_result(dest, region, full[region.n0:region.n0 + region.count, region.y0:region.y0 + region.height,

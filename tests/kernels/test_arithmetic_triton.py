@@ -88,3 +88,43 @@ def test_training_add_and_its_gradient(dtype: torch.dtype) -> None:
     assert bool(away.any()) and bool(((s < -1.0) | (s > 1.5)).any())
     for got, want in zip(grads, (av.grad, bv.grad)):
         assert torch.equal(got.tensor.double()[away], want[away].to(dtype).double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_with_fused_relu(dtype: torch.dtype) -> None:
+    """``relu=True`` (a graph's fused addition -> ReLU): the ReLU of the value rounded to
+    storage (``v >= 0 ? v : 0·v``, so -0 below 0 and NaN for NaN) and its derivative in the
+    mask, against the torch engine followed by a separate ReLU."""
+    assert ta is not None
+    g = torch.Generator(device="cuda").manual_seed(8)
+    n = 2 * ta.BLOCK + 77
+    x, y = ((torch.randn(n, device="cuda", generator=g) * 2).to(dtype) for _ in range(2))
+    x[:4] = torch.tensor([float("nan"), -float("inf"), 1.0, -1.0], dtype=dtype)
+    y[:4] = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=dtype)
+    out = torch.empty_like(x)
+    mask = ta.forward_with_mask(x, y, out, "add", 1.0, 1.0, 0.0, -1.5, 3.0, relu=True)
+    r, clamp_mask = arithmetic_forward(x, y, ArithmeticParams("add", 1.0, 1.0, 0.0, -1.5, 3.0), with_mask=True)
+    s = r.to(dtype).float()
+    want = torch.where(s >= 0, s, s * 0.0).to(dtype)
+    assert torch.equal(mask, clamp_mask & (s >= 0))
+    assert torch.equal(out.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(out[ok], want[ok]) and torch.equal(out[ok].signbit(), want[ok].signbit())
+    assert bool((s < 0).any()) and not bool(mask[s < 0].any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_copy(dtype: torch.dtype) -> None:
+    """The unit-scale gradient ``mask ? g : 0`` copies values bit for bit (NaN and -0 too)."""
+    assert ta is not None
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    n = ta.BLOCK + 301
+    g = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    g[:3] = torch.tensor([float("nan"), -0.0, float("inf")], dtype=dtype)
+    mask = torch.rand(n, device="cuda", generator=gen) > 0.3
+    mask[:3] = True
+    out = torch.full_like(g, 7.0)
+    ta.masked_copy(g, mask, out)
+    want = torch.where(mask, g, torch.zeros((), dtype=dtype, device="cuda"))
+    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))

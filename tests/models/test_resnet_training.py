@@ -127,20 +127,22 @@ def test_bad_arguments_raise() -> None:
 
 def test_graph_fuses_each_batch_norm_relu_pair(monkeypatch: pytest.MonkeyPatch) -> None:
     """Graph fusion: the 33 batch norms followed by a ReLU (stem, and the first two of each
-    bottleneck) run with the ReLU fused into the batch-norm kernels, forward and gradient, and
-    each residual addition's two gradients are one image; the two-step test above checks the
-    numbers of that fused graph against autograd."""
+    bottleneck) run with the ReLU fused into the batch-norm kernels, forward and gradient; each
+    residual addition applies its ReLU and folds the ReLU's derivative into its mask, and its
+    two gradients are one image. The two-step test above checks the numbers of that fused
+    graph against autograd."""
     tr = build_resnet50_training(m.Device("cpu"), 2, STATE, size=SIZE, num_classes=CLASSES,
                                  graph_format=m.MPSImageFeatureChannelFormat.float32)
     pairs = tr.graph.plan.norm_relu
     assert len(pairs) == 1 + 2 * sum(BLOCKS)
     assert {p.norm.node.label for p in pairs} == {"bn1"} | {f"layer{s}.{b}.bn{k}" for s, n in enumerate(BLOCKS, 1) for b in range(n) for k in (1, 2)}
     assert len(tr.graph.plan.shared_gradients) == sum(BLOCKS)      # one addition per bottleneck
+    assert {id(f.gradients) for f in tr.graph.plan.add_relu} == {id(g) for g in tr.graph.plan.shared_gradients}   # each followed by a ReLU
     decided: list[object] = []
     shared: list[object] = []
     orig, orig_share = m.MPSNNGraph._norm_relu_neuron, m.MPSNNGraph._shareable
     monkeypatch.setattr(m.MPSNNGraph, "_norm_relu_neuron", lambda self, f: decided.append(orig(self, f)) or decided[-1])
-    monkeypatch.setattr(m.MPSNNGraph, "_shareable", lambda self, sg, v: shared.append(orig_share(self, sg, v)) or shared[-1])
+    monkeypatch.setattr(m.MPSNNGraph, "_shareable", lambda self, *a: shared.append(orig_share(self, *a)) or shared[-1])
     gen = torch.Generator().manual_seed(1)
     mpsnn_step(m.Device("cpu"), tr, torch.randn(2, SIZE, SIZE, 3, generator=gen), torch.tensor([1, 2]))
     assert len(decided) == len(pairs) and all(d for d in decided)

@@ -20,7 +20,7 @@ import torch
 
 from .neuron import available, tl, triton
 
-__all__ = ["available", "forward_with_mask"]
+__all__ = ["available", "forward_with_mask", "masked_copy"]
 
 OPS = {"add": 0, "subtract": 1, "multiply": 2, "divide": 3}
 BLOCK = 4096
@@ -29,7 +29,7 @@ WARPS = 8
 
 @triton.jit
 def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, hi,
-                         OP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
+                         OP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
     if WIDE:
         start = pid.to(tl.int64) * BLOCK_
@@ -58,6 +58,13 @@ def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, h
         r = r + bias
     keep = (r > lo) & (r < hi)
     r = tl.where(r < lo, lo, tl.where(r > hi, hi, r))
+    if RELU:
+        # a ReLU (a = 0) fused after the stored value: it reads the rounded result, and its
+        # derivative (1 where that is >= 0) joins the mask
+        r = r.to(out_ptr.dtype.element_ty).to(tl.float32)
+        pos = r >= 0
+        keep = keep & pos
+        r = tl.where(pos, r, r * 0.0)
     if full:
         tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty))
         tl.store(mask_ptr + offs, keep.to(tl.uint8))
@@ -67,14 +74,46 @@ def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, h
 
 
 def forward_with_mask(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, op: str, primary_scale: float, secondary_scale: float,
-                      bias: float, minimum: float, maximum: float) -> torch.Tensor:
+                      bias: float, minimum: float, maximum: float, relu: bool = False) -> torch.Tensor:
     """Write ``clamp(op(x·ps, y·ss) + bias)`` into ``out`` (contiguous, ``x``'s shape) and
-    return the bool clamp mask of the same shape."""
+    return the bool clamp mask of the same shape. ``relu``: a ReLU (slope 0) applied to the
+    value rounded to ``out``'s dtype, as a separate ReLU filter would read it
+    (``v >= 0 ? v : 0·v``), and the mask also False where it is below 0 (or NaN): the mask of
+    the pair's gradient ``dy·mask``."""
     n = x.numel()
     mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     if n:
         wide = n + BLOCK >= 2 ** 31
         _forward_mask_kernel[(triton.cdiv(n, BLOCK),)](x, y, out, mask, n, float(primary_scale), float(secondary_scale), float(bias),
-                                                      float(minimum), float(maximum), OP=OPS[op], HAS_BIAS=bias != 0.0, BLOCK_=BLOCK, WIDE=wide,
+                                                      float(minimum), float(maximum), OP=OPS[op], HAS_BIAS=bias != 0.0, RELU=bool(relu), BLOCK_=BLOCK, WIDE=wide,
                                                       num_warps=WARPS, enable_fp_fusion=False)
     return mask.view(torch.bool)
+
+
+@triton.jit
+def _masked_copy_kernel(g_ptr, mask_ptr, out_ptr, n, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    if WIDE:
+        start = pid.to(tl.int64) * BLOCK_
+    else:
+        start = pid * BLOCK_
+    offs = start + tl.arange(0, BLOCK_)
+    inside = offs < n
+    if start + BLOCK_ <= n:
+        g = tl.load(g_ptr + offs)
+        keep = tl.load(mask_ptr + offs) != 0
+        tl.store(out_ptr + offs, tl.where(keep, g, tl.zeros_like(g)))
+    else:
+        g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+        keep = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+        tl.store(out_ptr + offs, tl.where(keep, g, tl.zeros_like(g)), mask=inside)
+
+
+def masked_copy(g: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = mask ? g : 0`` element by element (``g``, ``out`` contiguous, one dtype; ``mask``
+    a contiguous bool tensor of the same shape): an arithmetic gradient with unit scale, in
+    the storage dtype (no arithmetic: the values are copied bit for bit)."""
+    n = g.numel()
+    if n:
+        _masked_copy_kernel[(triton.cdiv(n, BLOCK),)](g, mask.view(torch.uint8), out, n, BLOCK_=BLOCK, WIDE=n + BLOCK >= 2 ** 31,
+                                                      num_warps=WARPS)
