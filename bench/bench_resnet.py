@@ -14,7 +14,6 @@ end; images per second and the ratio to mpsnn's captured time. Results go to std
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -26,7 +25,7 @@ import mpsnn as m
 from mpsnn.models.resnet import BLOCKS, WIDTHS, build_resnet50, random_resnet50_state
 
 sys.path.insert(0, "bench")
-from bench_digits import timed  # noqa: E402
+from bench_digits import _save, timed  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -123,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out(f"{'':<32}{'ms/batch':>10}{'img/s':>10}{'vs mpsnn captured':>20}")
     for name, t in rows:
         out(f"  {name:<30}{t:>10.2f}{a.batch / t * 1e3:>10.0f}{t / mine_t:>19.2f}x")
-    dest = os.environ.get("OUT")
-    if dest:
-        os.makedirs(dest, exist_ok=True)
-        with open(os.path.join(dest, "bench_resnet.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    _save(lines, "bench_resnet.txt")
     return 0
 
 

@@ -16,7 +16,6 @@ mpsnn's captured step. Results go to stdout and, with ``$OUT`` set, to
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -29,7 +28,7 @@ from mpsnn.models.resnet import random_resnet50_state
 from mpsnn.models.resnet_training import build_resnet50_training
 
 sys.path.insert(0, "bench")
-from bench_digits import timed  # noqa: E402
+from bench_digits import _save, timed  # noqa: E402
 from bench_resnet import ResNet50  # noqa: E402
 
 LR, MU = 0.01, 0.9
@@ -119,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in rows:
         out(f"  {name:<38}{t:>9.2f}{a.batch / t * 1e3:>9.0f}{t / mine_t:>19.2f}x")
     out(f"  torch eager autocast / mpsnn captured: {dict(rows)['torch eager autocast (channels-last)'] / mine_t:.2f}x (target >= 1.25)")
-    dest = os.environ.get("OUT")
-    if dest:
-        os.makedirs(dest, exist_ok=True)
-        with open(os.path.join(dest, "bench_resnet_training.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    _save(lines, "bench_resnet_training.txt")
     return 0
 
 

@@ -28,14 +28,20 @@ WARPS = 8
 
 
 @triton.jit
-def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, hi,
-                         OP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
+def _block(BLOCK_: tl.constexpr, WIDE: tl.constexpr):
+    """This program's first element and its ``BLOCK_`` offsets (int64 when ``WIDE``)."""
     pid = tl.program_id(0)
     if WIDE:
         start = pid.to(tl.int64) * BLOCK_
     else:
         start = pid * BLOCK_
-    offs = start + tl.arange(0, BLOCK_)
+    return start, start + tl.arange(0, BLOCK_)
+
+
+@triton.jit
+def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, hi,
+                         OP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
+    start, offs = _block(BLOCK_, WIDE)
     full = start + BLOCK_ <= n
     inside = offs < n
     if full:
@@ -92,12 +98,7 @@ def forward_with_mask(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, op: s
 
 @triton.jit
 def _masked_copy_kernel(g_ptr, mask_ptr, out_ptr, n, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        start = pid.to(tl.int64) * BLOCK_
-    else:
-        start = pid * BLOCK_
-    offs = start + tl.arange(0, BLOCK_)
+    start, offs = _block(BLOCK_, WIDE)
     inside = offs < n
     if start + BLOCK_ <= n:
         g = tl.load(g_ptr + offs)
