@@ -80,14 +80,29 @@ class _NodeAllocator(MPSImageAllocator):
 class _EncodeContext:
     """What a node's ``_encode`` gets besides its kernel and inputs."""
 
-    __slots__ = ("graph", "command_buffer", "allocator", "want_states", "step", "encode_index", "kernels")
+    __slots__ = ("graph", "command_buffer", "allocator", "want_states", "step", "encode_index", "kernels", "updates")
 
     def __init__(self, graph: "MPSNNGraph", cb: MTLCommandBuffer, allocator: _NodeAllocator, step: PlannedStep,
-                 encode_index: int, kernels: dict[int, Any]) -> None:
+                 encode_index: int, kernels: dict[int, Any], updates: list[Callable[[], Any]] | None = None) -> None:
         self.graph, self.command_buffer, self.allocator, self.step = graph, cb, allocator, step
         self.want_states = step.want_states
         self.encode_index = encode_index
         self.kernels = kernels
+        self.updates = updates
+
+    def update(self, fn: Callable[[], Callable[[], None] | None]) -> None:
+        """Run a trainable node's GPU update: ``fn()`` encodes the data source's update and
+        returns the reload of the graph's kernels (or None). The graph runs every node's ``fn``
+        after the step's last filter, in the nodes' order, then every reload (mpsnn): the
+        optimizers' encodes of one step queue up as one multi-tensor launch. No filter of the
+        step reads another node's updated weights, so the values are those of updating at
+        once (a data source shared by two nodes is updated from the weights the step used)."""
+        if self.updates is None:
+            reload = fn()
+            if reload is not None:
+                reload()
+        else:
+            self.updates.append(fn)
 
     def kernel_of(self, node: MPSNNFilterNode) -> Any:
         """The kernel this graph built for ``node`` (e.g. a gradient node's forward)."""
@@ -463,6 +478,7 @@ class MPSNNGraph:
         svalues: dict[int, Any] = {id(n): list(b) for n, b in zip(plan.source_states, source_states or [])}
         last = plan.last_reader()
         kept: dict[int, MPSImage] = {}
+        updates: list[Callable[[], Any]] = []
 
         def run(step: PlannedStep, out: PlannedStep | None = None, epilogue: Any = None, sources: list[MPSImage] | None = None,
                 neuron: Any = None, extra_reads: int = 0) -> MPSImage:
@@ -479,7 +495,7 @@ class MPSNNGraph:
             elif rnode.image_allocator is not MPSTemporaryImage.default_allocator:
                 user = rnode.image_allocator
             alloc = _NodeAllocator(rnode.format or self._format, temporary and user is None, out.result_reads + extra_reads, user)
-            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels)
+            ctx = _EncodeContext(self, cb, alloc, step, index, self._kernels, updates)
             images = sources if sources is not None else [values[id(n)] for n in node._source_images]
             states = [svalues[id(s)] for s in node._source_states]
             kernel = self._kernels[id(node)]
@@ -604,6 +620,11 @@ class MPSNNGraph:
             for n in step.node._source_images:
                 if last.get(id(n)) == step.index and id(n) not in kept:
                     values.pop(id(n), None)
+        # the trainable nodes' updates (_EncodeContext.update): every optimizer encode, then every reload
+        reloads = [fn() for fn in updates]
+        for reload in reloads:
+            if reload is not None:
+                reload()
         if intermediate_images is not None:
             for n in plan.intermediate_images:
                 intermediate_images.append(self._split(kept[id(n)], counts))

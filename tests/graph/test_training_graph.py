@@ -241,6 +241,29 @@ def test_digit_training_graph_runs_and_updates_each_layer_once(device):
         assert gw.shape == tuple(ds.w.shape) and np.isfinite(gw).all() and np.abs(gw).max() > 0, ds.label()
 
 
+def test_updates_run_after_the_steps_last_filter(device, monkeypatch):
+    """The graph runs every trainable node's GPU update after the step's filters (all optimizer
+    encodes first, then the reloads): no data source update comes before the last gradient
+    filter, and each layer is still updated once from the gradients of this step."""
+    events: list[str] = []
+    grad_encode = m.MPSCNNConvolutionGradient.encode
+    monkeypatch.setattr(m.MPSCNNConvolutionGradient, "encode", lambda self, *a, **k: events.append("gradient") or grad_encode(self, *a, **k))
+    update = RecordingDS.update
+    monkeypatch.setattr(RecordingDS, "update", lambda self, *a: events.append("update") or update(self, *a))
+    net = Digits()
+    terminals = net.loss.training_graph(None, float32_handler)
+    graph = m.MPSNNGraph(device, terminals[0].result_image, False)
+    rng = np.random.default_rng(62)
+    xs = [image(device, rng.uniform(0, 1, (28, 28, 1))) for _ in range(2)]
+    cb = device.make_command_queue().make_command_buffer()
+    graph.encode_batch(cb, [xs], [_labels(device, [1, 5])])
+    cb.commit()
+    cb.wait_until_completed()
+    assert events.count("update") == len(net.ds) and events.index("update") > len(events) - 1 - events[::-1].index("gradient")
+    for ds in net.ds:
+        assert len(ds.gradient_states) == 1, ds.label()
+
+
 def test_unneeded_input_gradient_is_pruned_and_the_weights_gradients_stay(device):
     """graph.md §3: a training graph whose result (dL/dinput) is not needed computes conv1's
     weight gradients only; every layer's gradients equal those of the graph that returns it."""

@@ -252,18 +252,27 @@ class MPSCNNConvolutionGradientNode(MPSNNGradientFilterNode, MPSNNTrainableNode)
         source_state = (fwd if fwd is not None else kernel)._export_shared(cb)
         targets = [k for k in (fwd, kernel) if k is not None]
         if style == MPSNNTrainingStyle.updateDeviceGPU:
-            new = self._weights.update(cb, gstate, source_state)
+            held = [source_state]
             del source_state
-            if new is not None:
-                if new.is_temporary:
-                    new.read_count = new.read_count + len(targets) - 1
-                for k in targets:
-                    if k is kernel and fwd is not None and kernel._borrow_master(fwd):
-                        # the forward kernel was just reloaded from `new`: the gradient kernel
-                        # reads that master instead of a second copy of the same weights
-                        new.consume_read()
-                    else:
-                        k.reload_weights_and_biases_with_command_buffer(cb, new)
+            ds = self._weights
+
+            def update() -> Any:
+                new = ds.update(cb, gstate, held.pop())     # the state is dropped before the reload
+                if new is None:
+                    return None
+
+                def reload() -> None:
+                    if new.is_temporary:
+                        new.read_count = new.read_count + len(targets) - 1
+                    for k in targets:
+                        if k is kernel and fwd is not None and kernel._borrow_master(fwd):
+                            # the forward kernel was just reloaded from `new`: the gradient kernel
+                            # reads that master instead of a second copy of the same weights
+                            new.consume_read()
+                        else:
+                            k.reload_weights_and_biases_with_command_buffer(cb, new)
+                return reload
+            ctx.update(update)
         else:
             ds = self._weights
 

@@ -614,13 +614,19 @@ class MPSCNNBatchNormalizationGradientNode(_DataSourceGradientNode):
         if style == _GPU:
             gb_update = _overridden(ds, _BN, "update_gamma_and_beta") or _overridden(ds, _BN, "update_gamma_and_beta_with_command_buffer")
             mv_update = _overridden(ds, _BN, "update_mean_and_variance") or _overridden(ds, _BN, "update_mean_and_variance_with_command_buffer")
-            gamma_beta = gb_update(cb, state) if gb_update is not None else None
-            mean_variance = mv_update(cb, state) if mv_update is not None else None
-            if bn is not None:
-                if gamma_beta is not None:
-                    bn.reload_gamma_and_beta_with_command_buffer(cb, gamma_beta)
-                if mean_variance is not None:
-                    bn.reload_mean_and_variance_with_command_buffer(cb, mean_variance)
+
+            def update() -> Any:
+                gamma_beta = gb_update(cb, state) if gb_update is not None else None
+                mean_variance = mv_update(cb, state) if mv_update is not None else None
+
+                def reload() -> None:
+                    if bn is not None:
+                        if gamma_beta is not None:
+                            bn.reload_gamma_and_beta_with_command_buffer(cb, gamma_beta)
+                        if mean_variance is not None:
+                            bn.reload_mean_and_variance_with_command_buffer(cb, mean_variance)
+                return reload
+            ctx.update(update)
         else:
             def on_completed(_cb: Any) -> None:
                 if ds.update_gamma_and_beta_with_batch_normalization_state(state) and bn is not None:
