@@ -191,11 +191,22 @@ def _tables(entries: Sequence[Entry], device: torch.device) -> tuple:
     for e in entries:
         if e.step is not None:
             steps[e.step.data_ptr()] = max(steps.get(e.step.data_ptr(), 0), e.offset)
-    host = [torch.from_numpy(ptrs.reshape(-1)), torch.from_numpy(fl.reshape(-1)), torch.from_numpy(blk),
-            torch.tensor(list(steps), dtype=torch.int64), torch.tensor(list(steps.values()), dtype=torch.float32)]
+    parts = [ptrs.reshape(-1), fl.reshape(-1), blk, np.asarray(list(steps), dtype=np.int64),
+             np.asarray(list(steps.values()), dtype=np.float32)]
+    # one upload for the five tables (one copy node in a captured graph): back to back in one
+    # byte buffer, each starting 8-byte aligned, viewed with its dtype on the device
+    offsets, size = [], 0
+    for a in parts:
+        offsets.append(size)
+        size += (a.nbytes + 7) // 8 * 8
+    buf = np.zeros(max(size, 8), dtype=np.uint8)
+    for a, o in zip(parts, offsets):
+        buf[o:o + a.nbytes] = a.view(np.uint8)
+    host = torch.from_numpy(buf)
     if device.type == "cuda":
-        host = [h.pin_memory() for h in host]
-    dev = [h.to(device, non_blocking=True) for h in host]
+        host = host.pin_memory()
+    whole = host.to(device, non_blocking=True)
+    dev = [whole[o:o + a.nbytes].view(torch.int64 if a.dtype == np.int64 else torch.float32) for a, o in zip(parts, offsets)]
     return (*dev, len(blk) // 2, len(steps), host)
 
 
