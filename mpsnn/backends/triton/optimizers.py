@@ -191,7 +191,7 @@ def _tables(entries: Sequence[Entry], device: torch.device) -> tuple:
     for e in entries:
         if e.step is not None:
             steps[e.step.data_ptr()] = max(steps.get(e.step.data_ptr(), 0), e.offset)
-    parts = [ptrs.reshape(-1), fl.reshape(-1), blk, np.asarray(list(steps), dtype=np.int64),
+    parts: list[np.ndarray] = [ptrs.reshape(-1), fl.reshape(-1), blk, np.asarray(list(steps), dtype=np.int64),
              np.asarray(list(steps.values()), dtype=np.float32)]
     # one upload for the five tables (one copy node in a captured graph): back to back in one
     # byte buffer, each starting 8-byte aligned, viewed with its dtype on the device
