@@ -525,11 +525,11 @@ class MPSNNGraph:
         roles: dict[int, tuple[str, Any]] = {}
         fusable: dict[int, Any] = {}
         for f in plan.fusions:
-            roles[f.conv.index], roles[f.add.index], roles[f.relu.index] = ("conv", f), ("add", f), ("relu", f)
+            roles[f.conv.index], roles[f.add.index], roles[f.relu.index] = ("tail_conv", f), ("tail_add", f), ("tail_relu", f)
             if f.fold is not None:
-                roles[f.fold.index] = ("fold", f)
+                roles[f.fold.index] = ("tail_fold", f)
         for nf in plan.norm_relu:
-            for what, st in (("norm", nf.norm), ("relu", nf.relu), ("relu_gradient", nf.relu_gradient), ("norm_gradient", nf.norm_gradient)):
+            for what, st in (("norm", nf.norm), ("norm_relu", nf.relu), ("norm_relu_gradient", nf.relu_gradient), ("norm_gradient", nf.norm_gradient)):
                 roles[st.index] = (what, nf)
         for sg in plan.shared_gradients:
             roles[sg.first.index], roles[sg.second.index] = ("first", sg), ("second", sg)
@@ -578,7 +578,7 @@ class MPSNNGraph:
                     _consume([values[id(n)] for n in srcs] + [svalues[id(n)] for n in step.node._source_states])
                 else:
                     run(step)
-            elif role[0] in ("norm", "relu", "relu_gradient", "norm_gradient"):
+            elif role[0] in ("norm", "norm_relu", "norm_relu_gradient", "norm_gradient"):
                 what, nf = role
                 desc = fusable.get(id(nf))
                 if desc is None:
@@ -596,12 +596,12 @@ class MPSNNGraph:
                 tail_ok = fusable.get(id(f))
                 if tail_ok is None:
                     tail_ok = fusable[id(f)] = self._fusable(f)
-                if what == "conv":
+                if what == "tail_conv":
                     if not tail_ok:
                         run(step)                  # else deferred to the addition
-                elif what == "fold":
+                elif what == "tail_fold":
                     run(step, epilogue=_conv_epilogue(None, None, False) if tail_ok else None)
-                elif what == "add":
+                elif what == "tail_add":
                     if tail_ok and self._fuse(f, cb, values, run):
                         fused.add(id(f))
                     else:
@@ -612,7 +612,7 @@ class MPSNNGraph:
                         run(step)
                 elif id(f) not in fused:
                     run(step)
-                if what == "add":
+                if what == "tail_add":
                     for n in f.conv.node._source_images:
                         if last.get(id(n)) == step.index and id(n) not in kept:
                             values.pop(id(n), None)

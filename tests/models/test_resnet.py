@@ -122,3 +122,15 @@ def test_fused_and_unfused_residual_tails_match_the_reference(device: m.Device, 
     got, want = run(device, g, x), reference(x.permute(0, 3, 1, 2).double(), STATE)
     assert done == ([True] * sum(BLOCKS) if fused else [])
     assert float((got - want).abs().max() / want.abs().max()) < 2e-5
+
+
+def test_residual_tails_that_cannot_fuse_run_their_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a tail judged fusable is ruled out at the addition (``_fuse`` declines, as for
+    operands of other shapes), the convolution, the folded bias, the addition and the ReLU
+    all run unfused and the logits stay the reference's."""
+    monkeypatch.setattr(m.MPSNNGraph, "_fuse", lambda self, *a: False)
+    dev = m.Device("cpu")
+    x = torch.randn(2, 64, 64, 3, generator=torch.Generator().manual_seed(10))
+    g = build_resnet50(dev, STATE, size=64, num_classes=10, graph_format=m.MPSImageFeatureChannelFormat.float32)
+    got, want = run(dev, g, x), reference(x.permute(0, 3, 1, 2).double(), STATE)
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-5
