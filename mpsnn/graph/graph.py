@@ -41,6 +41,7 @@ from ..core.device import Device, MTLCommandBuffer, as_device
 from ..core.enums import MPSCNNNeuronType as _NT
 from ..core.enums import MPSImageFeatureChannelFormat
 from ..core.errors import MPSError, MPSTypeError, MPSValueError, value_error
+from ..core.structs import MPSOffset, MPSRectNoClip
 from ..images.image import MPSImage, MPSImageAllocator, MPSImageDescriptor, MPSTemporaryImage
 from .capture import captured_encode
 from .nodes.base import MPSNNFilterNode, MPSNNImageNode, handle_label
@@ -48,6 +49,21 @@ from .plan import GraphPlan, PlannedStep, make_plan
 
 _F = MPSImageFeatureChannelFormat
 
+
+
+def _relu_kernel(k: Any, any_slope: bool = False) -> bool:
+    """A ReLU neuron kernel (slope 0 unless ``any_slope``) with its default geometry: no offset
+    or clip rectangle, no channel offsets (what a fused ReLU reproduces)."""
+    return (k.neuron_type == _NT.reLU and (any_slope or k.a == 0.0) and k._offset == MPSOffset() and k._clip_rect == MPSRectNoClip
+            and k._dst_c_off == 0 and k._src_c_off == 0)
+
+
+def _pixelwise(k: Any) -> bool:
+    """A binary arithmetic kernel that reads both operands at the destination's pixels and
+    channels: unit strides, no offsets, clip rectangle or channel offsets."""
+    return (list(k._p_stride) == [1, 1] and list(k._s_stride) == [1, 1] and k._p_c_stride == 1 and k._s_c_stride == 1
+            and k._p_offset == MPSOffset() and k._s_offset == MPSOffset() and k._clip_rect == MPSRectNoClip
+            and k._dst_c_off == 0 and k._p_c_off == 0 and k._s_c_off == 0)
 
 
 def _conv_epilogue(z: Any, bias: Any, relu: bool) -> Any:
@@ -650,24 +666,16 @@ class MPSNNGraph:
             d = k[id(f.fold.node)]
             if d.fused_neuron_descriptor is not None or (d._b32 is None and d._descriptor.batch_normalization_parameters is None):
                 return False
-        from ..core.structs import MPSOffset, MPSRectNoClip
         plain_add = (add._p_scale == 1.0 and add._s_scale == 1.0 and add._bias == 0.0 and add._min == -_FLT_MAX and add._max == _FLT_MAX
-                     and list(add._p_stride) == [1, 1] and list(add._s_stride) == [1, 1] and add._p_c_stride == 1 and add._s_c_stride == 1
-                     and add._p_offset == MPSOffset() and add._s_offset == MPSOffset() and add._clip_rect == MPSRectNoClip
-                     and add._dst_c_off == 0 and add._p_c_off == 0 and add._s_c_off == 0)
-        plain_relu = (relu.neuron_type == kc.MPSCNNNeuronType.reLU and relu.a == 0.0 and relu._offset == MPSOffset()
-                      and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0)
-        return bool(plain_add and plain_relu)
+                     and _pixelwise(add))
+        return bool(plain_add and _relu_kernel(relu))
 
     def _add_relu_ok(self, af: Any, values: dict[int, MPSImage]) -> bool:
         """Whether this encode may run the addition -> ReLU pair ``af``
         (:class:`~mpsnn.graph.plan.AddReluFusion`) fused: the ReLU kernel has its default
         geometry, and the addition's gradient pair may share one image (:meth:`_shareable`,
         judged on the forward operands, which have the incoming gradient's shape)."""
-        from ..core.structs import MPSOffset, MPSRectNoClip
-        relu = self._kernels[id(af.relu.node)]
-        if not (relu.neuron_type == _NT.reLU and relu.a == 0.0 and relu._offset == MPSOffset() and relu._clip_rect == MPSRectNoClip
-                and relu._dst_c_off == 0 and relu._src_c_off == 0):
+        if not _relu_kernel(self._kernels[id(af.relu.node)]):
             return False
         a, b = (values[id(n)] for n in af.add.node._source_images)
         return a.shape == b.shape and self._shareable(af.gradients, values, a.shape)
@@ -678,11 +686,8 @@ class MPSNNGraph:
         bias and unit secondary strides, the forward addition read both operands at the
         destination's pixels (no offsets, strides or channel offsets), and both operands
         have the incoming gradient's shape."""
-        from ..core.structs import MPSOffset, MPSRectNoClip
         fwd = self._kernels.get(id(sg.first.node.forward_node))
-        if fwd is None or not (list(fwd._p_stride) == [1, 1] and list(fwd._s_stride) == [1, 1] and fwd._p_c_stride == 1 and fwd._s_c_stride == 1
-                               and fwd._p_offset == MPSOffset() and fwd._s_offset == MPSOffset() and fwd._clip_rect == MPSRectNoClip
-                               and fwd._dst_c_off == 0 and fwd._p_c_off == 0 and fwd._s_c_off == 0):
+        if fwd is None or not _pixelwise(fwd):
             return False
         for st in (sg.first, sg.second):
             n = st.node
@@ -697,14 +702,12 @@ class MPSNNGraph:
         """The ReLU's descriptor when this encode may fuse the batch-norm -> ReLU pair ``f``
         (:class:`~mpsnn.graph.plan.NormReluFusion`), else False: the batch-norm kernels have no
         fused neuron of their own, the ReLU kernels have their default geometry."""
-        from ..core.structs import MPSOffset, MPSRectNoClip
         from ..kernels.neuron import MPSNNNeuronDescriptor
         k = self._kernels
         bn, relu, grads = k[id(f.norm.node)], k[id(f.relu.node)], k[id(f.norm_gradient.node)]
         if any(getattr(kk, "fused_neuron_descriptor", None) is not None for kk in (*bn, *grads)):
             return False
-        if not (relu._offset == MPSOffset() and relu._clip_rect == MPSRectNoClip and relu._dst_c_off == 0 and relu._src_c_off == 0
-                and relu.neuron_type == _NT.reLU):
+        if not _relu_kernel(relu, any_slope=True):
             return False
         return MPSNNNeuronDescriptor.cnn_neuron_descriptor(_NT.reLU, relu.a)
 
