@@ -116,29 +116,63 @@ def random_resnet50_state(seed: int = 0, num_classes: int = 1000) -> dict[str, n
     return out
 
 
-def _array(state: Mapping[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in state:
-        raise value_error("build_resnet50", "state", f"a dict without {name!r}", "hold every torchvision resnet50 entry")
-    v = state[name]
-    if hasattr(v, "detach"):
-        v = v.detach().cpu().numpy()
-    a = np.asarray(v, np.float32)
-    if a.shape != shape:
-        raise value_error("build_resnet50", f"state[{name!r}].shape", a.shape, f"be {shape}")
-    return a
+class _ResNetBuilder:
+    """What the inference and the training builders share: the state dict's entries (checked
+    against :func:`state_shapes`, named after the builder ``owner`` in errors), the v1.5
+    bottleneck and the trunk from the stem to the global average pool. A builder supplies
+    :meth:`cbr`, one convolution with its batch norm and optional ReLU."""
 
+    owner = "build_resnet50"
 
-class _Builder:
     def __init__(self, state: Mapping[str, Any], num_classes: int) -> None:
         self.state = state
         self.shapes = state_shapes(num_classes)
-        self.relu = MPSNNNeuronDescriptor.cnn_neuron_descriptor(MPSCNNNeuronType.reLU)
 
     def get(self, name: str) -> np.ndarray:
-        return _array(self.state, name, self.shapes[name])
+        if name not in self.state:
+            raise value_error(self.owner, "state", f"a dict without {name!r}", "hold every torchvision resnet50 entry")
+        v = self.state[name]
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        a = np.asarray(v, np.float32)
+        if a.shape != self.shapes[name]:
+            raise value_error(self.owner, f"state[{name!r}].shape", a.shape, f"be {self.shapes[name]}")
+        return a
 
-    def conv(self, x: MPSNNImageNode, name: str, bn: str, stride: int, relu: bool) -> MPSNNImageNode:
-        w = self.get(f"{name}.weight")
+    def cbr(self, x: MPSNNImageNode, conv: str, bn: str, stride: int, relu: bool) -> MPSNNImageNode:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bottleneck(self, x: MPSNNImageNode, pre: str, stride: int, downsample: bool) -> MPSNNImageNode:
+        y = self.cbr(x, f"{pre}.conv1", f"{pre}.bn1", 1, True)
+        y = self.cbr(y, f"{pre}.conv2", f"{pre}.bn2", stride, True)        # v1.5: the stride on the 3x3
+        y = self.cbr(y, f"{pre}.conv3", f"{pre}.bn3", 1, False)
+        identity = self.cbr(x, f"{pre}.downsample.0", f"{pre}.downsample.1", stride, False) if downsample else x
+        add = MPSNNAdditionNode(y, identity)
+        add.label = f"{pre}.add"
+        return MPSCNNNeuronReLUNode(add.result_image, a=0.0).result_image
+
+    def trunk(self, x: MPSNNImageNode, size: int) -> MPSNNImageNode:
+        """Stem, max pool, the four stages and the global average pool of a ``size`` input."""
+        y = self.cbr(x, "conv1", "bn1", 2, True)
+        y = MPSCNNPoolingMaxNode(y, kernel_width=3, kernel_height=3, stride_in_pixels_x=2, stride_in_pixels_y=2,
+                                 padding_policy=ONNXPadding("maxpool", (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)),
+                                                            edge_mode=MPSImageEdgeMode.clamp)).result_image
+        for s, (blocks, _) in enumerate(zip(BLOCKS, WIDTHS), start=1):
+            for k in range(blocks):
+                y = self.bottleneck(y, f"layer{s}.{k}", 2 if k == 0 and s > 1 else 1, k == 0)
+        f = final_size(size)
+        return MPSCNNPoolingAverageNode(y, kernel_width=f, kernel_height=f, stride_in_pixels_x=f, stride_in_pixels_y=f,
+                                        padding_policy=ONNXPadding("avgpool", (f, f), (f, f), (1, 1), ((0, 0), (0, 0)))).result_image
+
+
+class _Builder(_ResNetBuilder):
+    def __init__(self, state: Mapping[str, Any], num_classes: int) -> None:
+        super().__init__(state, num_classes)
+        self.relu = MPSNNNeuronDescriptor.cnn_neuron_descriptor(MPSCNNNeuronType.reLU)
+
+    def cbr(self, x: MPSNNImageNode, conv: str, bn: str, stride: int, relu: bool) -> MPSNNImageNode:
+        """The convolution with its inference batch norm folded in and the ReLU as its fused neuron."""
+        w = self.get(f"{conv}.weight")
         cout, cin, kh, kw = w.shape
         desc = MPSCNNConvolutionDescriptor(kw, kh, cin, cout)
         desc.stride_in_pixels_x = desc.stride_in_pixels_y = stride
@@ -147,21 +181,12 @@ class _Builder:
             beta=self.get(f"{bn}.bias"), epsilon=BN_EPSILON)
         if relu:
             desc.fused_neuron_descriptor = self.relu
-        ds = ConvolutionDataSource(desc, np.ascontiguousarray(w.transpose(0, 2, 3, 1)), None, label=name)
+        ds = ConvolutionDataSource(desc, np.ascontiguousarray(w.transpose(0, 2, 3, 1)), None, label=conv)
         p = kh // 2
-        pad = ONNXPadding(name, (kh, kw), (stride, stride), (1, 1), ((p, p), (p, p)))
+        pad = ONNXPadding(conv, (kh, kw), (stride, stride), (1, 1), ((p, p), (p, p)))
         node = MPSCNNConvolutionNode(x, ds, padding_policy=pad)
-        node.label = name
+        node.label = conv
         return node.result_image
-
-    def bottleneck(self, x: MPSNNImageNode, pre: str, stride: int, downsample: bool) -> MPSNNImageNode:
-        y = self.conv(x, f"{pre}.conv1", f"{pre}.bn1", 1, True)
-        y = self.conv(y, f"{pre}.conv2", f"{pre}.bn2", stride, True)        # v1.5: the stride on the 3x3
-        y = self.conv(y, f"{pre}.conv3", f"{pre}.bn3", 1, False)
-        identity = self.conv(x, f"{pre}.downsample.0", f"{pre}.downsample.1", stride, False) if downsample else x
-        add = MPSNNAdditionNode(y, identity)
-        add.label = f"{pre}.add"
-        return MPSCNNNeuronReLUNode(add.result_image, a=0.0).result_image
 
 
 def build_resnet50(device: Device, state: Mapping[str, Any] | None = None, *, size: int = 224, num_classes: int = 1000,
@@ -186,21 +211,10 @@ def build_resnet50(device: Device, state: Mapping[str, Any] | None = None, *, si
     if state is None:
         state = random_resnet50_state(seed, num_classes)
     b = _Builder(state, num_classes)
-    x = MPSNNImageNode(None)
-    y = b.conv(x, "conv1", "bn1", 2, True)
-    pool = MPSCNNPoolingMaxNode(y, kernel_width=3, kernel_height=3, stride_in_pixels_x=2, stride_in_pixels_y=2,
-                                padding_policy=ONNXPadding("maxpool", (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)),
-                                                           edge_mode=MPSImageEdgeMode.clamp))
-    y = pool.result_image
-    for s, (blocks, _) in enumerate(zip(BLOCKS, WIDTHS), start=1):
-        for k in range(blocks):
-            y = b.bottleneck(y, f"layer{s}.{k}", 2 if k == 0 and s > 1 else 1, k == 0)
-    f = final_size(size)
-    gap = MPSCNNPoolingAverageNode(y, kernel_width=f, kernel_height=f, stride_in_pixels_x=f, stride_in_pixels_y=f,
-                                   padding_policy=ONNXPadding("avgpool", (f, f), (f, f), (1, 1), ((0, 0), (0, 0))))
+    gap = b.trunk(MPSNNImageNode(None), size)
     w = b.get("fc.weight")
     desc = MPSCNNConvolutionDescriptor(1, 1, w.shape[1], num_classes)
-    fc = MPSCNNFullyConnectedNode(gap.result_image, ConvolutionDataSource(desc, np.ascontiguousarray(w.reshape(num_classes, 1, 1, -1)),
+    fc = MPSCNNFullyConnectedNode(gap, ConvolutionDataSource(desc, np.ascontiguousarray(w.reshape(num_classes, 1, 1, -1)),
                                                                            b.get("fc.bias"), label="fc"))
     fc.label = "fc"
     out = MPSCNNSoftMaxNode(fc.result_image).result_image if softmax else fc.result_image

@@ -34,16 +34,14 @@ import numpy as np
 import torch
 
 from ..core.device import Device, MTLCommandBuffer
-from ..core.enums import MPSDataType, MPSImageEdgeMode, MPSImageFeatureChannelFormat
+from ..core.enums import MPSDataType, MPSImageFeatureChannelFormat
 from ..core.errors import MPSValueError, value_error
 from ..graph.graph import MPSNNGraph
-from ..graph.nodes.arithmetic import MPSNNAdditionNode
 from ..graph.nodes.base import MPSNNImageNode
 from ..graph.nodes.convolution import MPSCNNConvolutionNode, MPSCNNFullyConnectedNode
 from ..graph.nodes.loss import MPSCNNLossNode
 from ..graph.nodes.neuron import MPSCNNNeuronReLUNode
 from ..graph.nodes.normalization import MPSCNNBatchNormalizationNode
-from ..graph.nodes.pooling import MPSCNNPoolingAverageNode, MPSCNNPoolingMaxNode
 from ..io.onnx.padding import ONNXPadding
 from ..kernels.batch_normalization import (
     MPSCNNBatchNormalizationDataSource,
@@ -57,7 +55,7 @@ from ..kernels.convolution_data import (
 )
 from ..kernels.loss_labels import MPSCNNLossDescriptor, MPSCNNLossType, MPSCNNReductionType
 from ..optimizers import MPSNNOptimizerDescriptor, MPSNNOptimizerStochasticGradientDescent
-from .resnet import BLOCKS, BN_EPSILON, WIDTHS, final_size, random_resnet50_state, state_shapes
+from .resnet import BN_EPSILON, _ResNetBuilder, random_resnet50_state
 
 __all__ = ["ResNetTraining", "SGDBatchNormalizationDataSource", "SGDConvolutionDataSource", "build_resnet50_training"]
 
@@ -201,23 +199,18 @@ class ResNetTraining:
     batch_norms: dict[str, SGDBatchNormalizationDataSource]
 
 
-class _Builder:
+class _Builder(_ResNetBuilder):
+    owner = "build_resnet50_training"
+
     def __init__(self, device: Device, state: Mapping[str, Any], num_classes: int, lr: float, mu: float, bn_mu: float) -> None:
-        self.device, self.state, self.shapes = device, state, state_shapes(num_classes)
-        self.lr, self.mu, self.bn_mu = lr, mu, bn_mu
+        super().__init__(state, num_classes)
+        self.device, self.lr, self.mu, self.bn_mu = device, lr, mu, bn_mu
         self.convs: dict[str, SGDConvolutionDataSource] = {}
         self.bns: dict[str, SGDBatchNormalizationDataSource] = {}
 
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.state:
-            raise value_error("build_resnet50_training", "state", f"a dict without {name!r}", "hold every torchvision resnet50 entry")
-        v = self.state[name]
-        a = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
-        if a.shape != self.shapes[name]:
-            raise value_error("build_resnet50_training", f"state[{name!r}].shape", a.shape, f"be {self.shapes[name]}")
-        return a
-
     def cbr(self, x: MPSNNImageNode, conv: str, bn: str, stride: int, relu: bool) -> MPSNNImageNode:
+        """A bias-free convolution, a batch-norm node (training mode in a training graph) and
+        optionally a ReLU node, each over its own SGD data source."""
         w = self.get(f"{conv}.weight")
         cout, cin, kh, kw = w.shape
         desc = MPSCNNConvolutionDescriptor(kw, kh, cin, cout)
@@ -234,15 +227,6 @@ class _Builder:
         norm.label = bn
         y = norm.result_image
         return MPSCNNNeuronReLUNode(y, a=0.0).result_image if relu else y
-
-    def bottleneck(self, x: MPSNNImageNode, pre: str, stride: int, downsample: bool) -> MPSNNImageNode:
-        y = self.cbr(x, f"{pre}.conv1", f"{pre}.bn1", 1, True)
-        y = self.cbr(y, f"{pre}.conv2", f"{pre}.bn2", stride, True)
-        y = self.cbr(y, f"{pre}.conv3", f"{pre}.bn3", 1, False)
-        identity = self.cbr(x, f"{pre}.downsample.0", f"{pre}.downsample.1", stride, False) if downsample else x
-        add = MPSNNAdditionNode(y, identity)
-        add.label = f"{pre}.add"
-        return MPSCNNNeuronReLUNode(add.result_image, a=0.0).result_image
 
 
 def build_resnet50_training(device: Device, batch_size: int, state: Mapping[str, Any] | None = None, *, size: int = 224,
@@ -269,17 +253,7 @@ def build_resnet50_training(device: Device, batch_size: int, state: Mapping[str,
     if state is None:
         state = random_resnet50_state(seed, num_classes)
     b = _Builder(device, state, num_classes, learning_rate, momentum, bn_momentum)
-    x = MPSNNImageNode(None)
-    y = b.cbr(x, "conv1", "bn1", 2, True)
-    y = MPSCNNPoolingMaxNode(y, kernel_width=3, kernel_height=3, stride_in_pixels_x=2, stride_in_pixels_y=2,
-                             padding_policy=ONNXPadding("maxpool", (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)),
-                                                        edge_mode=MPSImageEdgeMode.clamp)).result_image
-    for s, (blocks, _) in enumerate(zip(BLOCKS, WIDTHS), start=1):
-        for k in range(blocks):
-            y = b.bottleneck(y, f"layer{s}.{k}", 2 if k == 0 and s > 1 else 1, k == 0)
-    f = final_size(size)
-    y = MPSCNNPoolingAverageNode(y, kernel_width=f, kernel_height=f, stride_in_pixels_x=f, stride_in_pixels_y=f,
-                                 padding_policy=ONNXPadding("avgpool", (f, f), (f, f), (1, 1), ((0, 0), (0, 0)))).result_image
+    y = b.trunk(MPSNNImageNode(None), size)
     w = b.get("fc.weight")
     fds = SGDConvolutionDataSource(device, MPSCNNConvolutionDescriptor(1, 1, w.shape[1], num_classes), w.reshape(num_classes, 1, 1, -1),
                                    b.get("fc.bias"), "fc", learning_rate, momentum)
