@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mpsnn as m
 from mpsnn.models.resnet import BLOCKS, build_resnet50, final_size, random_resnet50_state, state_shapes
+from mpsnn.testing.reference_resnet import resnet50_forward
 
 STATE = random_resnet50_state(1, num_classes=10)
 
@@ -20,21 +21,9 @@ def reference(x: torch.Tensor, st: dict[str, np.ndarray]) -> torch.Tensor:
     """torchvision's resnet50 forward in float64 (NCHW input), eval mode."""
     t = {k: torch.from_numpy(v).double() for k, v in st.items()}
 
-    def cbr(y: torch.Tensor, conv: str, bn: str, stride: int, relu: bool) -> torch.Tensor:
-        w = t[conv + ".weight"]
-        y = F.conv2d(y, w, None, stride, w.shape[2] // 2)
-        y = F.batch_norm(y, t[bn + ".running_mean"], t[bn + ".running_var"], t[bn + ".weight"], t[bn + ".bias"], False, 0.0, 1e-5)
-        return F.relu(y) if relu else y
-
-    y = F.max_pool2d(cbr(x, "conv1", "bn1", 2, True), 3, 2, 1)
-    for s, blocks in enumerate(BLOCKS, 1):
-        for b in range(blocks):
-            pre, stride = f"layer{s}.{b}", 2 if b == 0 and s > 1 else 1
-            z = cbr(y, pre + ".conv1", pre + ".bn1", 1, True)
-            z = cbr(z, pre + ".conv2", pre + ".bn2", stride, True)
-            z = cbr(z, pre + ".conv3", pre + ".bn3", 1, False)
-            y = F.relu(z + (cbr(y, pre + ".downsample.0", pre + ".downsample.1", stride, False) if b == 0 else y))
-    return F.linear(y.mean((2, 3)), t["fc.weight"], t["fc.bias"])
+    def batch_norm(y: torch.Tensor, bn: str) -> torch.Tensor:
+        return F.batch_norm(y, t[bn + ".running_mean"], t[bn + ".running_var"], t[bn + ".weight"], t[bn + ".bias"], False, 0.0, 1e-5)
+    return resnet50_forward(x, t, batch_norm)
 
 
 def run(dev: m.Device, graph: m.MPSNNGraph, x: torch.Tensor) -> torch.Tensor:

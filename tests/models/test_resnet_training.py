@@ -13,6 +13,7 @@ import mpsnn as m
 from mpsnn.kernels.loss_labels import MPSCNNLossLabels
 from mpsnn.models.resnet import BLOCKS, random_resnet50_state
 from mpsnn.models.resnet_training import build_resnet50_training
+from mpsnn.testing.reference_resnet import resnet50_forward
 
 CLASSES, SIZE, BATCH, LR, MU = 10, 64, 4, 1e-3, 0.9
 STATE = random_resnet50_state(2, num_classes=CLASSES)
@@ -22,22 +23,10 @@ def forward(x: torch.Tensor, t: dict[str, torch.Tensor], stats: dict[str, tuple[
     """torchvision's resnet50 in training mode (NCHW float64); ``stats`` gets each batch norm's
     batch mean and unbiased variance (what torch's running statistics take)."""
 
-    def cbr(y: torch.Tensor, conv: str, bn: str, stride: int, relu: bool) -> torch.Tensor:
-        w = t[conv + ".weight"]
-        y = F.conv2d(y, w, None, stride, w.shape[2] // 2)
+    def batch_norm(y: torch.Tensor, bn: str) -> torch.Tensor:
         stats[bn] = (y.mean((0, 2, 3)).detach(), y.var((0, 2, 3), unbiased=True).detach())
-        y = F.batch_norm(y, None, None, t[bn + ".weight"], t[bn + ".bias"], True, 0.0, 1e-5)
-        return F.relu(y) if relu else y
-
-    y = F.max_pool2d(cbr(x, "conv1", "bn1", 2, True), 3, 2, 1)
-    for s, blocks in enumerate(BLOCKS, 1):
-        for b in range(blocks):
-            pre, stride = f"layer{s}.{b}", 2 if b == 0 and s > 1 else 1
-            z = cbr(y, pre + ".conv1", pre + ".bn1", 1, True)
-            z = cbr(z, pre + ".conv2", pre + ".bn2", stride, True)
-            z = cbr(z, pre + ".conv3", pre + ".bn3", 1, False)
-            y = F.relu(z + (cbr(y, pre + ".downsample.0", pre + ".downsample.1", stride, False) if b == 0 else y))
-    return F.linear(y.mean((2, 3)), t["fc.weight"], t["fc.bias"])
+        return F.batch_norm(y, None, None, t[bn + ".weight"], t[bn + ".bias"], True, 0.0, 1e-5)
+    return resnet50_forward(x, t, batch_norm)
 
 
 def mpsnn_step(dev: m.Device, tr, x: torch.Tensor, y: torch.Tensor) -> float:
