@@ -156,14 +156,14 @@ def _scratch(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: to
 
 
 def _nan_free(y: torch.Tensor) -> bool:
-    """Whether torch's plain max pool ``y`` saw no NaN tap, checked on the CPU only (on a GPU
-    the answer would synchronise the host, so the NaN-aware path always runs there).
+    """Whether torch's plain max pool ``y`` (a CPU tensor: the callers ask only on the CPU, where
+    the answer costs no host-device synchronisation) saw no NaN tap.
 
     torch's max propagates NaN (a window with a NaN tap yields NaN), so a NaN-free ``y``
     means no window read a NaN, and then torch's max (first maximal tap) is Metal's ``fmax``.
     One sum over the (smaller) result tells: it is NaN when any entry is (or when +inf and
     -inf meet, which only sends the call down the NaN-aware path)."""
-    return y.device.type == "cpu" and not math.isnan(float(y.sum()))
+    return not math.isnan(float(y.sum()))
 
 
 def _max_candidates(xm: torch.Tensor, ay: PoolAxis, ax: PoolAxis, indices: bool):  # type: ignore[no-untyped-def]
