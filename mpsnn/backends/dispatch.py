@@ -66,7 +66,13 @@ def neuron_gradient(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, p: Neu
         return
     if quantize is None and p.neuron_type == MPSCNNNeuronType.reLU and dy.dtype == x.dtype == out.dtype and x.dtype in _WIDE:
         # dy·f'(x) with f' = (x >= 0 ? 1 : a), in two passes (an infinite dy times a zero
-        # slope stays NaN, as in the general form)
+        # slope stays NaN, as in the general form). The 0/1 slope is written straight into
+        # `out` in its dtype and multiplied in place: a bool mask times dy would convert the
+        # mask in an unvectorised pass (5x slower on the CPU, 64x28x28x32 float32)
+        if p.a == 0.0 and not _overlaps(out, dy) and not _overlaps(out, x):
+            torch.ge(x, 0, out=out)
+            out.mul_(dy)
+            return
         slope = x >= 0 if p.a == 0.0 else torch.where(x >= 0, x.new_ones(()), x.new_full((), p.a))
         torch.mul(dy, slope, out=out)
         return
@@ -76,6 +82,11 @@ def neuron_gradient(dy: torch.Tensor, x: torch.Tensor, out: torch.Tensor, p: Neu
 
 #: dtypes the CPU ReLU fast paths compute in directly (16-bit storage goes through float32)
 _WIDE = (torch.float32, torch.float64)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory (one storage: conservative for disjoint views)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _as_compute(t: torch.Tensor) -> torch.Tensor:
