@@ -46,6 +46,8 @@ __all__ = [
     "l2norm_pool_nhwc",
     "max_pool_gradient_nhwc",
     "max_pool_nhwc",
+    "max_pool_winners_nhwc",
+    "MaxWinners",
 ]
 
 _NEG_INF = float("-inf")
@@ -180,24 +182,74 @@ def _max_candidates(xm: torch.Tensor, ay: PoolAxis, ax: PoolAxis, indices: bool)
 def max_pool_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Max pooling of ``x`` ``[N, ay.size, ax.size, C]`` -> ``[N, ay.out, ax.out, C]`` in
     ``x``'s dtype; NaN taps are ignored (NaN when every tap is NaN)."""
+    return max_pool_winners_nhwc(x, ay, ax, clamp, out_dtype, out, winners=False)[0]
+
+
+@dataclass(frozen=True)
+class MaxWinners:
+    """Where each window's maximum of one CPU max-pool forward lies, for its gradient to
+    reuse instead of pooling the source again: torch's flat indices into the tap block (NCHW
+    channels-last view) of the source tensor ``x`` (kept, so its memory is not reused while
+    this lives) at version ``version``, for the geometry ``(ay, ax, clamp)``. Only made when
+    no window read a NaN, so torch's winners are the first maximal taps."""
+
+    x: torch.Tensor
+    version: int
+    ay: PoolAxis
+    ax: PoolAxis
+    clamp: bool
+    indices: torch.Tensor
+
+    def fits(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool) -> bool:
+        """Whether these are the winners of pooling ``x`` (the same memory, shape, strides and
+        unwritten since: torch's version counter) with this geometry."""
+        s = self.x
+        return (x.data_ptr() == s.data_ptr() and x.shape == s.shape and x.stride() == s.stride() and x.dtype == s.dtype
+                and x._version == self.version and (ay, ax, clamp) == (self.ay, self.ax, self.clamp))
+
+
+def max_pool_winners_nhwc(x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None = None,
+                          out: torch.Tensor | None = None, winners: bool = True) -> tuple[torch.Tensor, MaxWinners | None]:
+    """:func:`max_pool_nhwc`, plus (``winners``, on the CPU, when no window read a NaN) the
+    :class:`MaxWinners` its gradient can reuse. On the CPU the result is written straight
+    into ``out`` where that is a float NHWC region of the right shape and dtype."""
     tri = dispatch.triton_engine("pooling", x)
     if tri is not None:
         y = dispatch.engine_out(out, (x.shape[0], ay.out, ax.out, x.shape[3]), out_dtype or x.dtype, x.device)
         tri.pool_forward(x, y, ay, ax, tri.MAX, clamp)
-        return y
+        return y, None
     xm = _nchw(_window(x, ay, ax, clamp))
     if xm.device.type == "cpu":
-        y = F.max_pool2d(xm, (ay.taps, ax.taps), (ay.stride, ax.stride), 0, (ay.dilation, ax.dilation))
-        if _nan_free(y):
-            return _nhwc(y)
+        k, s, d = (ay.taps, ax.taps), (ay.stride, ax.stride), (ay.dilation, ax.dilation)
+        shape = (x.shape[0], ay.out, ax.out, x.shape[3])
+        target = out if out is not None and tuple(out.shape) == shape and out.dtype == x.dtype and out.is_contiguous() else None
+        if winners:
+            ym = _nchw(target) if target is not None else torch.empty(shape, dtype=x.dtype).permute(0, 3, 1, 2)
+            idx = torch.empty(ym.shape, dtype=torch.int64, memory_format=torch.channels_last)
+            strides = ym.stride()
+            torch.ops.aten.max_pool2d_with_indices.out(xm, list(k), list(s), [0, 0], list(d), False, out=ym, indices=idx)
+            if ym.stride() != strides:  # torch re-strided the view (it never does for these layouts): a fresh result
+                ym = F.max_pool2d(xm, k, s, 0, d)
+                idx = F.max_pool2d(xm, k, s, 0, d, return_indices=True)[1]
+            if _nan_free(ym):
+                return _nhwc(ym), MaxWinners(x, x._version, ay, ax, clamp, idx)
+        else:
+            y = F.max_pool2d(xm, k, s, 0, d)
+            if _nan_free(y):
+                return _nhwc(y), None
     _, y, any_number = _max_candidates(xm, ay, ax, False)
-    return _nhwc(y.masked_fill(any_number == 0, float("nan")))
+    return _nhwc(y.masked_fill(any_number == 0, float("nan"))), None
 
 
 def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool,
-                           out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                           winners: MaxWinners | None = None) -> torch.Tensor:
     """dL/dx (``x``'s shape, float32 or float64) for the incoming gradient ``g``
-    ``[N, ay.out, ax.out, C]``: each window's gradient goes to its first maximal tap."""
+    ``[N, ay.out, ax.out, C]``: each window's gradient goes to its first maximal tap.
+    ``winners``: the forward's (:func:`max_pool_winners_nhwc`), used when they
+    :meth:`~MaxWinners.fits` this call instead of pooling ``x`` again. On the CPU the result
+    is written straight into ``out`` where the tap block is the whole source and ``out`` is
+    a contiguous region of ``x``'s shape in the compute dtype."""
     cdt = _compute_dtype(x)
     tri = dispatch.triton_engine("pooling", g, x)
     if tri is not None and tri.gradient_supported(ay, ax, clamp):
@@ -206,16 +258,28 @@ def max_pool_gradient_nhwc(g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: P
         return dx
     xm = _nchw(_window(x, ay, ax, clamp))
     k, s, d = (ay.taps, ax.taps), (ay.stride, ax.stride), (ay.dilation, ax.dilation)
-    plain = F.max_pool2d(xm, k, s, 0, d, return_indices=True) if xm.device.type == "cpu" else None
-    if plain is not None and _nan_free(plain[0]):
-        # no window read a NaN: torch's winners are the first maximal taps (an all -inf window
-        # reports its first tap, a number), and every window passes its gradient
-        key, idx, gm = xm, plain[1], _nchw(g).to(cdt)
+    if winners is not None and xm.device.type == "cpu" and winners.fits(x, ay, ax, clamp):
+        key, idx, gm = xm, winners.indices, _nchw(g).to(cdt)
     else:
-        key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
-        # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
-        idx = torch.where(y == _NEG_INF, first_number, idx)
-        gm = _nchw(g).to(cdt).masked_fill(any_number == 0, 0.0)
+        plain = F.max_pool2d(xm, k, s, 0, d, return_indices=True) if xm.device.type == "cpu" else None
+        if plain is not None and _nan_free(plain[0]):
+            # no window read a NaN: torch's winners are the first maximal taps (an all -inf window
+            # reports its first tap, a number), and every window passes its gradient
+            key, idx, gm = xm, plain[1], _nchw(g).to(cdt)
+        else:
+            key, (y, idx), (any_number, first_number) = _max_candidates(xm, ay, ax, True)
+            # a window whose numbers are all -inf: torch reports its first tap, which may be NaN
+            idx = torch.where(y == _NEG_INF, first_number, idx)
+            gm = _nchw(g).to(cdt).masked_fill(any_number == 0, 0.0)
+    whole = ay.first == 0 and ay.span == ay.size and ax.first == 0 and ax.span == ax.size
+    if (whole and xm.device.type == "cpu" and out is not None and tuple(out.shape) == tuple(x.shape) and out.dtype == cdt
+            and out.is_contiguous() and key.dtype == cdt):
+        # the block is the source: torch scatters into the destination itself (it zeroes it first)
+        om = _nchw(out)
+        strides = om.stride()
+        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(gm, key, list(k), list(s), [0, 0], list(d), False, idx, grad_input=om)
+        if om.stride() == strides:
+            return out
     dblk = torch.ops.aten.max_pool2d_with_indices_backward(
         gm, _scratch(key.shape, cdt, x.device), list(k), list(s), [0, 0], list(d), False, idx)
     return _unfold_block(_nhwc(dblk), ay, ax, clamp)

@@ -74,6 +74,9 @@ __all__ = [
 
 #: the attribute a forward pooling encode sets on its gradient state: (zero_pad_size_x, _y)
 _ZERO_PAD_ATTR = "pooling_zero_pad"
+#: the attribute a graph's CPU max-pool forward sets on its gradient state: the
+#: backend.MaxWinners of each region it pooled, which the gradient reuses where they fit
+_WINNERS_ATTR = "pooling_max_winners"
 
 
 # -- pure shape rules ---------------------------------------------------------------------------
@@ -207,10 +210,10 @@ class MPSCNNPooling(MPSCNNKernel):
         ay = PoolAxis(src.height, region.height, inp.window_top, inp.stride_y, inp.dilation_y, inp.kernel_height, zpy)
         ax = PoolAxis(src.width, region.width, inp.window_left, inp.stride_x, inp.dilation_x, inp.kernel_width, zpx)
         out = direct_out(dest, region, (region.count, region.height, region.width, region.channels))
-        write_result(dest, region, self._forward(x, ay, ax, clamp, result_dtype(dest), out))
+        write_result(dest, region, self._forward(x, ay, ax, clamp, result_dtype(dest), out, state))
 
     def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
-                 out: torch.Tensor | None) -> torch.Tensor:
+                 out: torch.Tensor | None, state: MPSState | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
 
 
@@ -233,9 +236,26 @@ class MPSCNNPoolingMax(MPSCNNPooling):
 
     _mode = "max"
 
+    #: set by the graph on the kernels it builds: a CPU forward encode with a gradient state
+    #: leaves the winners of each window on the state (backend.MaxWinners), and the gradient
+    #: kernel reuses them instead of pooling the source again, where they still fit (same
+    #: memory, geometry and torch version count of the source). Only the graph sets it:
+    #: between its forward and gradient encodes nothing writes the source, not even through
+    #: a NumPy view (which torch's version count would not see)
+    _keep_winners = False
+
     def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
-                 out: torch.Tensor | None) -> torch.Tensor:
-        return backend.max_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
+                 out: torch.Tensor | None, state: MPSState | None = None) -> torch.Tensor:
+        if state is None or not self._keep_winners:
+            return backend.max_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
+        y, winners = backend.max_pool_winners_nhwc(x, ay, ax, clamp, out_dtype, out)
+        if winners is not None:
+            kept = getattr(state, _WINNERS_ATTR, None)
+            if kept is None:
+                kept = []
+                setattr(state, _WINNERS_ATTR, kept)
+            kept.append(winners)
+        return y
 
 
 class MPSCNNPoolingAverage(_ZeroPad, MPSCNNPooling):
@@ -285,7 +305,7 @@ class MPSCNNPoolingAverage(_ZeroPad, MPSCNNPooling):
         return desc
 
     def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
-                 out: torch.Tensor | None) -> torch.Tensor:
+                 out: torch.Tensor | None, state: MPSState | None = None) -> torch.Tensor:
         return backend.average_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
@@ -302,7 +322,7 @@ class MPSCNNPoolingL2Norm(MPSCNNPooling):
     _mode = "l2"
 
     def _forward(self, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
-                 out: torch.Tensor | None) -> torch.Tensor:
+                 out: torch.Tensor | None, state: MPSState | None = None) -> torch.Tensor:
         return backend.l2norm_pool_nhwc(x, ay, ax, clamp, out_dtype=out_dtype, out=out)
 
 
@@ -510,7 +530,8 @@ class MPSCNNPoolingMaxGradient(MPSCNNPoolingGradient):
 
     def _gradient(self, g: torch.Tensor, x: torch.Tensor, ay: PoolAxis, ax: PoolAxis, clamp: bool, out_dtype: torch.dtype | None,
                   out: torch.Tensor | None) -> torch.Tensor:
-        return backend.max_pool_gradient_nhwc(g, x, ay, ax, clamp, out_dtype=out_dtype, out=out)
+        found = [w for w in getattr(self._gradient_state, _WINNERS_ATTR, ()) if w.fits(x, ay, ax, clamp)]
+        return backend.max_pool_gradient_nhwc(g, x, ay, ax, clamp, out_dtype=out_dtype, out=out, winners=found[0] if found else None)
 
 
 class MPSCNNPoolingAverageGradient(_ZeroPad, MPSCNNPoolingGradient):

@@ -68,7 +68,10 @@ class MPSCNNPoolingGradientNode(GradientNode):
         return cls(gradient_image, forward._source_images[0], forward.result_state, f._kw, f._kh, f._sx, f._sy, forward=forward)
 
     def _build_kernel(self, device: Device) -> Any:
-        return self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
+        kernel = self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
+        if isinstance(kernel, MPSCNNPoolingMax):
+            kernel._keep_winners = True  # the CPU gradient reuses the forward's winners (MPSCNNPoolingMax)
+        return kernel
 
 
 class MPSCNNPoolingMaxGradientNode(MPSCNNPoolingGradientNode):
@@ -146,7 +149,10 @@ class MPSCNNPoolingNode(UnaryFilterNode):
     stride_in_pixels_y = property(lambda self: self._sy)
 
     def _build_kernel(self, device: Device) -> Any:
-        return self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
+        kernel = self._kernel_class(device, self._kw, self._kh, self._sx, self._sy)  # type: ignore[misc]
+        if isinstance(kernel, MPSCNNPoolingMax):
+            kernel._keep_winners = True  # the CPU gradient reuses the forward's winners (MPSCNNPoolingMax)
+        return kernel
 
     def _apply_padding(self, kernel: Any) -> None:
         _clamp_then_pad(self, kernel)
@@ -211,7 +217,9 @@ class MPSCNNDilatedPoolingMaxNode(UnaryFilterNode):
     dilation_rate_y = property(lambda self: self._dy)
 
     def _build_kernel(self, device: Device) -> Any:
-        return MPSCNNDilatedPoolingMax(device, self._kw, self._kh, self._dx, self._dy, self._sx, self._sy)
+        kernel = MPSCNNDilatedPoolingMax(device, self._kw, self._kh, self._dx, self._dy, self._sx, self._sy)
+        kernel._keep_winners = True  # the CPU gradient reuses the forward's winners (MPSCNNPoolingMax)
+        return kernel
 
     def _apply_padding(self, kernel: Any) -> None:
         _clamp_then_pad(self, kernel)
