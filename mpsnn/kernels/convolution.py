@@ -52,6 +52,7 @@ import torch
 
 from ..backends import convolution as conv_backend
 from ..backends import dispatch
+from ..backends.optimizers import note_equal
 from ..backends.torch_eager import NeuronParams
 from ..core.binary_kernel import MPSCNNGradientKernel
 from ..core.device import Device, MTLCommandBuffer
@@ -250,10 +251,15 @@ class _ConvolutionWeights:
                 self._set_master(torch.empty_like(self._w32), None if self._b32 is None else self._b32.clone())
             self._detach_exports()
             self._w32.copy_(self._from_layout(state.weights))
+            # the state now holds the master's values: the next update, whose source is an
+            # export of this master and whose result is likely this state again, skips its
+            # copy of the values while neither is written (CPU; see note_equal)
+            note_equal(state.weights, self._to_layout(self._w32))
             if state.biases is not None:
                 if self._b32 is None:
                     self._b32 = torch.zeros(self._geom.output_channels, dtype=torch.float32, device=self._w32.device)
                 self._b32.copy_(state.biases.reshape(-1))
+                note_equal(state.biases, self._b32)
             self._compute.clear()
             self._plans.clear()
         state.consume_read()
