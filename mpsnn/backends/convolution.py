@@ -200,15 +200,18 @@ class Conv2dPlan:
         self.allow_tf32, self.direct = allow_tf32, direct
         self.skip_y, self.skip_x, self.out_h, self.out_w = py.skip, px.skip, out_h, out_w
 
-    def run(self, x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Write the convolution of NHWC ``x`` into NHWC ``out`` (a region of the destination)."""
+    def run(self, x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor | None:
+        """Write the convolution of NHWC ``x`` into NHWC ``out`` (a region of the destination);
+        with ``out`` None (a plan that is not ``direct``), return the result instead, an NHWC
+        view of torch's output (contiguous when torch computed it channels-last and no
+        leading outputs are dropped), for a destination without storage to adopt."""
         xs = (x[:, self.y0:self.y1, self.x0:self.x1, :] if self.crop else x).permute(0, 3, 1, 2)
-        o = out.permute(0, 3, 1, 2)
-        if self.direct:
+        o = None if out is None else out.permute(0, 3, 1, 2)
+        if self.direct and o is not None:
             if _cudnn_into("cudnn_convolution", o, xs, w_oihw, self.pad, self.stride, self.dilation, self.groups, self.allow_tf32):
                 if bias is not None:
                     o.add_(bias.view(1, -1, 1, 1))
-                return
+                return None
             self.direct = False  # this torch build has no cuDNN `out=` form: compute, then copy
         if self.explicit is not None:
             xs = F.pad(xs, self.explicit)
@@ -217,7 +220,11 @@ class Conv2dPlan:
         xs, w_oihw, bias = cpu_float32(xs, w_oihw, bias)  # type: ignore[assignment]
         with tf32(self.allow_tf32, x):
             y = F.conv2d(xs, w_oihw, bias, self.stride, self.pad, self.dilation, self.groups)
-        o.copy_(y[:, :, self.skip_y:self.skip_y + self.out_h, self.skip_x:self.skip_x + self.out_w])
+        y = y[:, :, self.skip_y:self.skip_y + self.out_h, self.skip_x:self.skip_x + self.out_w]
+        if o is None:
+            return y.permute(0, 2, 3, 1)
+        o.copy_(y)
+        return None
 
 
     def fused(self, x: torch.Tensor, w_oihw: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor | None:

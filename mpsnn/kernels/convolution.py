@@ -571,6 +571,13 @@ class _ForwardPlan:
             if y is not None:
                 write_result(dest, Region(0, dest.number_of_images, 0, 0, dest.width, dest.height, 0, dest.feature_channels), y)
                 return
+        if ep is None and self.neuron is None and self.out_index is None and not self.conv.direct and not dest.is_allocated:
+            # the CPU path (and CUDA without cuDNN's out= form) computes a fresh tensor anyway:
+            # a destination without storage adopts it instead of receiving a copy
+            y = self.conv.run(x, self.w, self.b, None)
+            assert y is not None
+            write_result(dest, Region(0, dest.number_of_images, 0, 0, dest.width, dest.height, 0, dest.feature_channels), y)
+            return
         yt = dest.tensor
         self.finish(x, yt if self.out_index is None else yt[self.out_index], ep)
 
