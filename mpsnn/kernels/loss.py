@@ -63,7 +63,7 @@ from ..core.errors import MPSTypeError, MPSValueError, value_error
 from ..core.kernel import InputGeometry, MPSCNNKernel, Region, _consume, _root
 from ..core.regions import read_window
 from ..core.structs import MPSOffset, MPSRectNoClip
-from ..images.image import MPSImage, MPSImageDescriptor
+from ..images.image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from ..images.state import ForwardGeometry, MPSNNGradientState, MPSState
 from . import loss_labels as _labels
 from .loss_labels import (
@@ -245,6 +245,45 @@ class _LabelledLossKernel(MPSCNNKernel):
             self._stack = None
         _consume([*srcs, *labs])
         return dests if allocate else None
+
+    def _encode_stacked(self, command_buffer: MTLCommandBuffer, source: MPSImage, labels: list[MPSCNNLossLabels],
+                        destination: MPSImage) -> bool:
+        """The graph's form of :meth:`encode_batch` over the one-image views of ``source``
+        (``labels[n]`` for image ``n``) into those of ``destination``, without making the
+        views: one pass over the batch, as ``encode_batch`` takes a stacked batch. The two
+        images and every label are checked as there (the per-image views share the parents'
+        format and size, so entry 0's view stands for all of them). False, nothing encoded,
+        where ``encode_batch`` would not take one pass either (a per-image kernel, one image,
+        ``offset.z`` not 0, labels of different shapes): the caller then makes the views.
+        Read counts: one read of ``source`` and of each labels object, as the views' encode
+        plus the graph's own read of the stacked image would (net), none of ``destination``."""
+        cb = self._check_command_buffer(command_buffer)
+        n = source.number_of_images
+        if not self._batched or n < 2 or len(labels) != n or destination.number_of_images != n or self._offset.z != 0:
+            return False
+        src = self._check_image("source_images", source, cb)
+        dest = self._check_image("destination_images", destination, cb)
+        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
+        if not _same_labels(labs):
+            return False
+        self._check_source("source_images[0]", src)
+        self._check_no_alias(dest, _root(src))
+        s0 = src._make_view(0, 1, 0, src.feature_channels)
+        d0 = dest._make_view(0, 1, 0, dest.feature_channels)
+        self._pending = []
+        try:
+            self._stack = (src, dest, labs)
+            self._encode_checked(cb, s0, d0, labs[0])
+            with cb.encoding(self._name()):
+                self._finish(labs)
+        finally:
+            self._pending = []
+            self._stack = None
+            for v in (s0, d0):
+                if isinstance(v, MPSTemporaryImage) and v.read_count > 0:
+                    v.read_count = 0      # give the views' holds on their parents back
+        _consume([src, *labs])
+        return True
 
     #: whether the kernel can encode a batch of one-image views of one image in one pass
     _batched = False

@@ -42,6 +42,9 @@ def encode_labelled(node: MPSNNFilterNode, ctx: "_EncodeContext", kernel: Any, i
     if src.number_of_images == 1:
         kernel.encode(cb, src, labels[0], dest)
         return dest
+    stacked = getattr(kernel, "_encode_stacked", None)
+    if stacked is not None and stacked(cb, src, labels, dest):
+        return dest          # one pass over the stacked batch, without a view per image
     views = src.batch_representation()
     outs = dest.batch_representation()
     kernel.encode_batch(cb, views, labels, outs)
