@@ -51,6 +51,7 @@ Decisions (CONFLICT readings follow the spec's recommendations; ``(inferred)`` w
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -263,9 +264,16 @@ class _LabelledLossKernel(MPSCNNKernel):
             return False
         src = self._check_image("source_images", source, cb)
         dest = self._check_image("destination_images", destination, cb)
-        labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
-        if not _same_labels(labs):
-            return False
+        memo = self._labels_memo
+        if memo is not None and len(memo[0]) == n and all(map(operator.is_, labels, memo[0])):
+            labs = memo[0]          # the same labels objects as the last encode: checked then
+        else:
+            labs = [self._check_state(f"labels[{k}]", s, cb, MPSCNNLossLabels) for k, s in enumerate(labels)]
+            if not _same_labels(labs):
+                return False
+            lasting = not any(lab.is_temporary or any(isinstance(img, MPSTemporaryImage) for img in
+                                                      (lab.labels_image(), lab.weights_image(), lab.loss_image())) for lab in labs)
+            self._labels_memo = (labs, {}) if lasting else None
         self._check_source("source_images[0]", src)
         self._check_no_alias(dest, _root(src))
         s0 = src._make_view(0, 1, 0, src.feature_channels)
@@ -282,8 +290,25 @@ class _LabelledLossKernel(MPSCNNKernel):
             for v in (s0, d0):
                 if isinstance(v, MPSTemporaryImage) and v.read_count > 0:
                     v.read_count = 0      # give the views' holds on their parents back
-        _consume([src, *labs])
+        _consume([src] if self._labels_memo is not None and self._labels_memo[0] is labs else [src, *labs])
         return True
+
+    #: the labels of the last :meth:`_encode_stacked` when none of them (nor their images) is
+    #: temporary, with tensors made from them (stacked labels and weights per region, the
+    #: loss images' one-value views): a training loop hands the graph the same labels objects
+    #: every step (refilled in place), and the per-label work of building these (about 200
+    #: property reads and slices at batch 64) then runs once. The labels are kept (strong
+    #: references), so no later object can take their identities
+    _labels_memo: tuple[list[MPSCNNLossLabels], dict[Any, Any]] | None = None
+
+    def _memo(self, labs: list[MPSCNNLossLabels], key: Any, make: Any) -> Any:
+        """``make()``, remembered under ``key`` while ``labs`` are the memoised labels."""
+        memo = self._labels_memo
+        if memo is None or memo[0] is not labs:
+            return make()
+        if key not in memo[1]:
+            memo[1][key] = make()
+        return memo[1][key]
 
     #: whether the kernel can encode a batch of one-image views of one image in one pass
     _batched = False
@@ -343,8 +368,10 @@ class _LabelledLossKernel(MPSCNNKernel):
         sx, sy = inp.window_left, inp.window_top
         n, w, h = r.n, r.w, r.h
         y = read_window(parent.tensor[:, :, :, inp.c0:inp.c0 + n], sx, sy, w, h, inp.edge_mode)
-        t = _stack_tensors([lab.labels_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs])
-        wt = None if r.wt is None else _stack_tensors([lab.weights_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs])  # type: ignore[union-attr]
+        t = self._memo(labs, ("labels", sx, sy, w, h, n),
+                       lambda: _stack_tensors([lab.labels_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs]))
+        wt = None if r.wt is None else self._memo(labs, ("weights", sx, sy, w, h, n), lambda: _stack_tensors(
+            [lab.weights_image().tensor[:, sy:sy + h, sx:sx + w, :n] for lab in labs]))  # type: ignore[union-attr]
         return _Labelled(r.labels, y, t, wt, r.loss_view, r.scalar, n, w, h), labs
 
     @staticmethod
@@ -455,7 +482,8 @@ class MPSCNNLoss(_LossParameters, _LabelledLossKernel):
                                                                    self._weight, len(labs)))
                 return
             values = B.finish_reduction(red, kind, totals, counts, elements, self._weight).to(torch.float32)
-            torch._foreach_copy_([lab.loss_image().tensor.view(1) for lab in labs], list(values.split(1)))
+            views = self._memo(labs, "loss", lambda: [lab.loss_image().tensor.view(1) for lab in labs])
+            torch._foreach_copy_(views, list(values.split(1)))
             return
         if self._reduce_across_batch and self._reduction_type != _R.none:
             total = torch.stack([p[1] for p in self._pending]).sum()
