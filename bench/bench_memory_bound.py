@@ -423,12 +423,15 @@ def bench_batch_norm(b: Bench, shape: tuple[int, int, int, int], g: torch.Genera
     # one layer's training step, a fresh state each time: statistics, normalize, statistics
     # gradient, gradient (8 passes of the tensor size) against torch's training batch_norm
     # forward and its backward (the same 8)
-    def mine_step(cb: Any) -> None:
-        s = bn_state(bn, x_img)
-        stats.encode_batch(cb, [x_img], s)
-        bn.encode(cb, x_img, s, y_img)
-        stats_grad.encode_batch(cb, [dy_img], [x_img], s)
-        grad.encode(cb, dy_img, x_img, s, dx_img)
+    def layer_step(norm: Any, sgrad: Any, dgrad: Any) -> Callable[[Any], None]:
+        def step(cb: Any) -> None:
+            s = bn_state(norm, x_img)
+            stats.encode_batch(cb, [x_img], s)
+            norm.encode(cb, x_img, s, y_img)
+            sgrad.encode_batch(cb, [dy_img], [x_img], s)
+            dgrad.encode(cb, dy_img, x_img, s, dx_img)
+        return step
+    mine_step = layer_step(bn, stats_grad, grad)
 
     rm, rv = mean.clone(), var.clone()
     xl, gl, bl = xn.detach().requires_grad_(), gamma.detach().requires_grad_(), beta.detach().requires_grad_()
@@ -441,12 +444,7 @@ def bench_batch_norm(b: Bench, shape: tuple[int, int, int, int], g: torch.Genera
     # the step of batch norm -> ReLU as the graph fuses it: normalize + ReLU, the fused-ReLU
     # gradients (the same 8 passes), against torch's training batch_norm + relu forward and
     # their backward (the same 8 plus the ReLU's forward and backward passes)
-    def mine_step_relu(cb: Any) -> None:
-        s = bn_state(bn_relu, x_img)
-        stats.encode_batch(cb, [x_img], s)
-        bn_relu.encode(cb, x_img, s, y_img)
-        stats_grad_relu.encode_batch(cb, [dy_img], [x_img], s)
-        grad_relu.encode(cb, dy_img, x_img, s, dx_img)
+    mine_step_relu = layer_step(bn_relu, stats_grad_relu, grad_relu)
 
     def peer_step_relu(_cb: Any) -> torch.Tensor:
         y = F.batch_norm(xl, rm, rv, gl, bl, True, 0.0, eps).relu()
