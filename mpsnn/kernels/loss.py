@@ -228,24 +228,29 @@ class _LabelledLossKernel(MPSCNNKernel):
             roots = list({id(r): r for r in map(_root, srcs)}.values())
             for d in dests:
                 self._check_no_alias(self._check_image("destination_image", d, cb), *roots)
-        self._pending: list[Any] = []
         stack = self._stackable(srcs, dests, labs)
+        # one pass over the whole batch when it is stacked: entry 0's geometry is every entry's
+        entries = [(srcs[0], dests[0], labs[0])] if stack is not None else zip(srcs, dests, labs)
+        self._encode_entries(cb, stack, entries, labs)
+        _consume([*srcs, *labs])
+        return dests if allocate else None
+
+    def _encode_entries(self, cb: MTLCommandBuffer, stack: tuple[MPSImage, MPSImage] | None, entries: Any,
+                        labs: list[MPSCNNLossLabels]) -> None:
+        """Encode ``entries`` (source, destination, labels), then write the batch's reduced
+        losses. With ``stack`` (the source and destination images the entries are one-image
+        views of) the one entry given stands for the whole batch (one pass)."""
+        self._pending: list[Any] = []
         try:
-            if stack is not None:
-                # one pass over the whole batch: entry 0's geometry is every entry's
-                self._stack = (*stack, labs)
-                self._encode_checked(cb, srcs[0], dests[0], labs[0])
-            else:
-                for s, d, lab in zip(srcs, dests, labs):
-                    self._encode_checked(cb, s, d, lab)
+            self._stack = None if stack is None else (*stack, labs)
+            for s, d, lab in entries:
+                self._encode_checked(cb, s, d, lab)
             if labs:
                 with cb.encoding(self._name()):
                     self._finish(labs)
         finally:
             self._pending = []
             self._stack = None
-        _consume([*srcs, *labs])
-        return dests if allocate else None
 
     def _encode_stacked(self, command_buffer: MTLCommandBuffer, source: MPSImage, labels: list[MPSCNNLossLabels],
                         destination: MPSImage) -> bool:
@@ -278,15 +283,9 @@ class _LabelledLossKernel(MPSCNNKernel):
         self._check_no_alias(dest, _root(src))
         s0 = src._make_view(0, 1, 0, src.feature_channels)
         d0 = dest._make_view(0, 1, 0, dest.feature_channels)
-        self._pending = []
         try:
-            self._stack = (src, dest, labs)
-            self._encode_checked(cb, s0, d0, labs[0])
-            with cb.encoding(self._name()):
-                self._finish(labs)
+            self._encode_entries(cb, (src, dest), [(s0, d0, labs[0])], labs)
         finally:
-            self._pending = []
-            self._stack = None
             for v in (s0, d0):
                 if isinstance(v, MPSTemporaryImage) and v.read_count > 0:
                     v.read_count = 0      # give the views' holds on their parents back
