@@ -94,6 +94,12 @@ def state_shapes(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _check_size(owner: str, size: Any) -> None:
+    """Refuse an input side the trunk's five stride-2 layers cannot take (a builder's ``size``)."""
+    if not isinstance(size, int) or size < 32:
+        raise value_error(owner, "size", size, "be an integer >= 32 (five stride-2 layers)")
+
+
 def random_resnet50_state(seed: int = 0, num_classes: int = 1000) -> dict[str, np.ndarray]:
     """A state dict of random weights: Kaiming-normal convolutions (fan out, as torchvision
     initialises them), batch-norm statistics and affine terms drawn near their identity (so
@@ -204,8 +210,7 @@ def build_resnet50(device: Device, state: Mapping[str, Any] | None = None, *, si
 
     The result image is ``1 x 1 x num_classes`` per input image; the one source handle is
     the image batch."""
-    if not isinstance(size, int) or size < 32:
-        raise value_error("build_resnet50", "size", size, "be an integer >= 32 (five stride-2 layers)")
+    _check_size("build_resnet50", size)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise value_error("build_resnet50", "num_classes", num_classes, "be a positive integer")
     if state is None:

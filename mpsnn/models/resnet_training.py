@@ -55,7 +55,7 @@ from ..kernels.convolution_data import (
 )
 from ..kernels.loss_labels import MPSCNNLossDescriptor, MPSCNNLossType, MPSCNNReductionType
 from ..optimizers import MPSNNOptimizerDescriptor, MPSNNOptimizerStochasticGradientDescent
-from .resnet import BN_EPSILON, _ResNetBuilder, random_resnet50_state
+from .resnet import BN_EPSILON, _check_size, _ResNetBuilder, random_resnet50_state
 
 __all__ = ["ResNetTraining", "SGDBatchNormalizationDataSource", "SGDConvolutionDataSource", "build_resnet50_training"]
 
@@ -248,8 +248,7 @@ def build_resnet50_training(device: Device, batch_size: int, state: Mapping[str,
     :class:`~mpsnn.MPSCNNLossLabels` per image, one-hot over ``num_classes``)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise value_error("build_resnet50_training", "batch_size", batch_size, "be a positive integer")
-    if not isinstance(size, int) or size < 32:
-        raise value_error("build_resnet50_training", "size", size, "be an integer >= 32 (five stride-2 layers)")
+    _check_size("build_resnet50_training", size)
     if state is None:
         state = random_resnet50_state(seed, num_classes)
     b = _Builder(device, state, num_classes, learning_rate, momentum, bn_momentum)
