@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .neuron import available, tl, triton
+from .neuron import _block_start, available, tl, triton
 
 __all__ = ["available", "forward_with_mask", "masked_copy"]
 
@@ -28,20 +28,10 @@ WARPS = 8
 
 
 @triton.jit
-def _block(BLOCK_: tl.constexpr, WIDE: tl.constexpr):
-    """This program's first element and its ``BLOCK_`` offsets (int64 when ``WIDE``)."""
-    pid = tl.program_id(0)
-    if WIDE:
-        start = pid.to(tl.int64) * BLOCK_
-    else:
-        start = pid * BLOCK_
-    return start, start + tl.arange(0, BLOCK_)
-
-
-@triton.jit
 def _forward_mask_kernel(x_ptr, y_ptr, out_ptr, mask_ptr, n, ps, ss, bias, lo, hi,
                          OP: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
-    start, offs = _block(BLOCK_, WIDE)
+    start = _block_start(BLOCK_, WIDE)
+    offs = start + tl.arange(0, BLOCK_)
     full = start + BLOCK_ <= n
     inside = offs < n
     if full:
@@ -98,7 +88,8 @@ def forward_with_mask(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, op: s
 
 @triton.jit
 def _masked_copy_kernel(g_ptr, mask_ptr, out_ptr, n, BLOCK_: tl.constexpr, WIDE: tl.constexpr):
-    start, offs = _block(BLOCK_, WIDE)
+    start = _block_start(BLOCK_, WIDE)
+    offs = start + tl.arange(0, BLOCK_)
     inside = offs < n
     if start + BLOCK_ <= n:
         g = tl.load(g_ptr + offs)
